@@ -1,0 +1,34 @@
+"""softvq_jax: JAX/Flax SoftVQ-VAE (1-D continuous image tokenizer) — model, training, evaluation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="softvq_jax",
+    version="0.1.0",
+    description="TPU/GPU-native JAX/Flax implementation of SoftVQ-VAE",
+    packages=find_packages(include=["softvq_jax", "softvq_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Ranges are pinned to what is tested: JAX 0.10 (CPU here) and 0.11 (CUDA machines).
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "clu>=0.0.12",
+        "absl-py",
+        "numpy>=1.26",
+        "ml_dtypes",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.20",
+        "pillow>=10",
+        # Embedded demo data: scikit-image ships real photographs that load offline.
+        "scikit-image>=0.22",
+    ],
+    extras_require={
+        # torch/timm only for parity tests and weight conversion; never in the training path.
+        # Install torch==2.14.1 torchvision==0.29.1 explicitly (see README) to avoid a huge download.
+        "test": ["pytest>=8", "torch", "torchvision", "timm>=1.0", "lpips", "pytorch-fid", "scipy"],
+        "convert": ["torch", "timm>=1.0"],
+    },
+)
