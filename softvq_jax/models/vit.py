@@ -1,0 +1,356 @@
+"""Vision Transformer blocks that load timm `VisionTransformer` weights (DINOv2, DINO, ViT) as-is.
+
+The official SoftVQ code builds its encoder and decoder from timm's DINOv2 ViTs, and its
+discriminator / REPA teacher from timm ViTs too, so every module here mirrors one timm module and
+keeps timm's parameter names (`patch_embed`, `cls_token`, `pos_embed`, `blocks[i].norm1`,
+`attn.qkv`, `ls1.gamma`, `mlp.fc1`, ...). That keeps the weight converters a key rename plus a
+transpose (see `softvq_jax/convert/`).
+
+Numerics (reference spec 1.1): pre-norm blocks, LayerNorm eps 1e-6 computed in float32, exact
+(erf) GELU unless `gelu_approximate` (the DINO discriminator uses tanh), attention scale
+head_dim^-0.5, optional LayerScale. Parameters are float32; matmuls run in the input's dtype
+(the compute dtype), so bfloat16 activations give bfloat16 matmuls with float32 master weights.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `qkv`, `heads`, ...) as NNX
+`out_sharding` metadata; `softvq_jax/sharding.py` maps them to mesh axes with the config's rules.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
+  """A float32 parameter annotated with logical axis names (not sharded eagerly).
+
+  Sharding is decided later from the abstract model (`nnx.eval_shape`) and the config's rules,
+  so construction works with or without a mesh.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {shape}")
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes),
+                   eager_sharding=False)
+
+
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0, upper=2.0)
+normal_02 = nnx.initializers.normal(stddev=0.02)
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias with kernel [in, out] (timm Linear weight transposed)."""
+
+  def __init__(self, din: int, dout: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+               use_bias: bool = True, kernel_init=trunc_normal_02):
+    self.kernel = make_param(rngs, kernel_init, (din, dout), axes)
+    self.bias = make_param(rngs, zeros, (dout,), (axes[1],)) if use_bias else None
+
+  def __call__(self, x: Array) -> Array:  # [..., in] -> [..., out] in x.dtype
+    y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(x.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias; statistics in float32 whatever the compute dtype."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = make_param(rngs, ones, (dim,), ("norm",))
+    self.bias = make_param(rngs, zeros, (dim,), ("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(x.dtype)
+
+
+def _default_backend(dtype) -> str:
+  """cuDNN flash attention on GPU for 16-bit compute; plain einsum attention everywhere else.
+
+  On XLA:CPU `jax.nn.dot_product_attention` measured ~2x slower than the einsum for ViT-B, and
+  cuDNN's fused kernel only takes float16/bfloat16.
+  """
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def attention(q: Array, k: Array, v: Array, backend: str = "auto") -> Array:
+  """Softmax attention without mask. q, k, v: [B, T, H, Dh] -> [B, T, H, Dh].
+
+  backends: "xla" (einsum, softmax in float32), "cudnn" (fused flash attention on NVIDIA GPUs),
+  "jax" (`jax.nn.dot_product_attention`'s default XLA lowering), "auto" (chosen per device).
+  """
+  if backend == "auto":
+    backend = _default_backend(q.dtype)
+  scale = q.shape[-1] ** -0.5
+  if backend == "xla":
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  if backend in ("cudnn", "jax"):
+    impl = "cudnn" if backend == "cudnn" else None
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+  raise ValueError(f"unknown attention backend {backend!r}; use auto, xla, cudnn or jax")
+
+
+class Attention(nnx.Module):
+  """timm Attention: fused qkv Linear (output laid out q|k|v, each head-major) and proj."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, backend: str = "auto",
+               rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+    self.num_heads = num_heads
+    self.backend = backend
+    self.qkv = Dense(dim, 3 * dim, axes=("embed", "qkv"), use_bias=qkv_bias, rngs=rngs)
+    self.proj = Dense(dim, dim, axes=("heads", "embed"), rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:  # [B, T, D] -> [B, T, D]
+    b, t, d = x.shape
+    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.backend)
+    return self.proj(out.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> GELU (exact, or tanh-approximate for the DINO discriminator) -> fc2."""
+
+  def __init__(self, dim: int, hidden: int, *, gelu_approximate: bool = False, rngs: nnx.Rngs):
+    self.gelu_approximate = gelu_approximate
+    self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), rngs=rngs)
+    self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.gelu_approximate))
+
+
+class LayerScale(nnx.Module):
+  """Per-channel residual-branch scale (DINOv2's `ls1` / `ls2`, parameter `gamma`)."""
+
+  def __init__(self, dim: int, init_value: float, *, rngs: nnx.Rngs):
+    self.gamma = make_param(rngs, nnx.initializers.constant(init_value), (dim,), ("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x)))."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
+               layer_scale_init: float | None = 1e-5, gelu_approximate: bool = False,
+               attention_backend: str = "auto", rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(dim, rngs=rngs)
+    self.attn = Attention(dim, num_heads, backend=attention_backend, rngs=rngs)
+    self.norm2 = LayerNorm(dim, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate=gelu_approximate, rngs=rngs)
+    if layer_scale_init is None:
+      self.ls1 = self.ls2 = None
+    else:
+      self.ls1 = LayerScale(dim, layer_scale_init, rngs=rngs)
+      self.ls2 = LayerScale(dim, layer_scale_init, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    y = self.attn(self.norm1(x))
+    x = x + (self.ls1(y) if self.ls1 is not None else y)
+    y = self.mlp(self.norm2(x))
+    return x + (self.ls2(y) if self.ls2 is not None else y)
+
+
+def patchify(images: Array, patch_size: int) -> Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]; patches in raster order, (row, col, channel) inside."""
+  b, h, w, c = images.shape
+  p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: Array, patch_size: int, grid: tuple[int, int], channels: int = 3) -> Array:
+  """Inverse of `patchify`: [B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C]."""
+  b = tokens.shape[0]
+  gh, gw = grid
+  p = patch_size
+  x = tokens.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+class PatchEmbed(nnx.Module):
+  """Conv with kernel = stride = patch size, written as patchify + matmul (same result, faster).
+
+  kernel is stored in Flax conv layout [p, p, C, D] so it is a plain transpose of timm's
+  `patch_embed.proj.weight` [D, C, p, p].
+  """
+
+  def __init__(self, patch_size: int, in_chans: int, dim: int, *, rngs: nnx.Rngs):
+    self.patch_size = patch_size
+    # torch Conv2d's default init (kaiming-uniform a=sqrt(5) == uniform variance 1/3 over fan_in).
+    init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                             in_axis=(0, 1, 2), out_axis=3)
+    self.kernel = make_param(rngs, init, (patch_size, patch_size, in_chans, dim),
+                             (None, None, None, "embed"))
+    self.bias = make_param(rngs, zeros, (dim,), ("embed",))
+
+  def __call__(self, images: Array) -> Array:  # [B, H, W, C] -> [B, P, D]
+    k = self.kernel[...]
+    x = patchify(images, self.patch_size)
+    x = jnp.einsum("bpi,io->bpo", x, k.reshape(-1, k.shape[-1]).astype(x.dtype))
+    return x + self.bias[...].astype(x.dtype)
+
+
+class VisionTransformer(nnx.Module):
+  """timm `VisionTransformer` trunk: patch_embed, [cls] + pos_embed, blocks, final norm.
+
+  `embed` and `forward_tokens` are exposed separately because the tokenizer inserts latent /
+  mask tokens between them, and the discriminator reads intermediate blocks.
+  """
+
+  def __init__(self, *, img_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+               mlp_ratio: float = 4.0, class_token: bool = True,
+               layer_scale_init: float | None = 1e-5, gelu_approximate: bool = False,
+               in_chans: int = 3, with_patch_embed: bool = True, attention_backend: str = "auto",
+               remat: bool = False, rngs: nnx.Rngs):
+    if img_size % patch_size:
+      raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    self.img_size = img_size
+    self.patch_size = patch_size
+    self.grid = img_size // patch_size
+    self.width = width
+    self.remat = remat
+    self.num_prefix_tokens = 1 if class_token else 0
+    self.patch_embed = (PatchEmbed(patch_size, in_chans, width, rngs=rngs)
+                        if with_patch_embed else None)
+    self.cls_token = (make_param(rngs, nnx.initializers.normal(1e-6), (1, 1, width),
+                                 (None, None, "embed")) if class_token else None)
+    self.pos_embed = make_param(rngs, trunc_normal_02,
+                                (1, self.num_prefix_tokens + self.grid ** 2, width),
+                                (None, None, "embed"))
+    self.blocks = nnx.List([
+        Block(width, num_heads, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init,
+              gelu_approximate=gelu_approximate, attention_backend=attention_backend, rngs=rngs)
+        for _ in range(depth)])
+    self.norm = LayerNorm(width, rngs=rngs)
+
+  def add_pos_embed(self, x: Array) -> Array:
+    """[B, P, D] image tokens -> [B, prefix + P, D]: prepend cls, then add pos_embed (timm)."""
+    if x.shape[1] != self.grid ** 2:
+      raise ValueError(f"got {x.shape[1]} image tokens, the model was built for "
+                       f"{self.grid}x{self.grid}={self.grid ** 2} (img_size {self.img_size})")
+    if self.cls_token is not None:
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+      x = jnp.concatenate([cls, x], axis=1)
+    return x + self.pos_embed[...].astype(x.dtype)
+
+  def embed(self, images: Array, dtype=jnp.float32) -> Array:
+    """[B, H, W, C] -> [B, prefix + P, D] in `dtype`."""
+    if self.patch_embed is None:
+      raise ValueError("this ViT was built without a patch embedding")
+    return self.add_pos_embed(self.patch_embed(images.astype(dtype)))
+
+  def forward_tokens(self, x: Array, *, collect: Sequence[int] = (), final_norm: bool = True):
+    """Runs all blocks (and the final norm). Returns x, or (x, [outputs of blocks in collect])."""
+    feats = []
+    for i, block in enumerate(self.blocks):
+      x = _call_block(block, x, self.remat)
+      if i in collect:
+        feats.append(x)
+    if final_norm:
+      x = self.norm(x)
+    return (x, feats) if collect else x
+
+  def forward_features(self, images: Array, dtype=jnp.float32) -> Array:
+    """timm's `forward_features`: [B, H, W, C] -> [B, prefix + P, D] after the final norm."""
+    return self.forward_tokens(self.embed(images, dtype))
+
+
+def _call_block(block: Block, x: Array, remat: bool) -> Array:
+  if not remat:
+    return block(x)
+  # Rematerialise the block in the backward pass: activations of only one block live at a time.
+  return nnx.remat(lambda blk, y: blk(y))(block, x)
+
+
+def resize_weight_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] matrix of torch's `F.interpolate(mode="bicubic", antialias=True)` in 1-D.
+
+  This is the PIL-style separable filter that torch's anti-aliased bicubic uses (Keys cubic with
+  a = -0.5, support widened by the downscale factor, weights renormalised at the borders, pixel
+  centres at half-integers). It is what timm applies when it resamples pos_embed / patch kernels,
+  so applying it in NumPy reproduces timm's loaded weights without torch.
+  """
+  def cubic(x):
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+      return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+      return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+  scale = n_in / n_out
+  support_scale = max(scale, 1.0)
+  support = 2.0 * support_scale
+  w = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), n_in)
+    taps = np.array([cubic((j - center + 0.5) / support_scale) for j in range(lo, hi)])
+    total = taps.sum()
+    if total != 0.0:
+      taps = taps / total
+    w[i, lo:hi] = taps
+  return w
+
+
+def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int],
+                       num_prefix_tokens: int = 1,
+                       old_grid: tuple[int, int] | None = None) -> np.ndarray:
+  """[1, prefix + gh*gw, D] -> [1, prefix + new_h*new_w, D]; bicubic with antialias, prefix kept.
+
+  Matches timm's `resample_abs_pos_embed` (used e.g. when DINOv2's 37x37 grid becomes 16x16).
+  """
+  prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+  if old_grid is None:
+    side = int(round(np.sqrt(grid.shape[1])))
+    if side * side != grid.shape[1]:
+      raise ValueError(f"pos_embed has {grid.shape[1]} grid tokens, not a square; pass old_grid")
+    old_grid = (side, side)
+  if tuple(old_grid) == tuple(new_grid):
+    return pos_embed
+  d = grid.shape[-1]
+  g = grid.reshape(old_grid[0], old_grid[1], d).astype(np.float32)
+  wh = resize_weight_matrix(old_grid[0], new_grid[0]).astype(np.float32)
+  ww = resize_weight_matrix(old_grid[1], new_grid[1]).astype(np.float32)
+  out = np.einsum("ih,jw,hwd->ijd", wh, ww, g).reshape(1, -1, d)
+  return np.concatenate([prefix, out.astype(pos_embed.dtype)], axis=1)
+
+
+def resample_patch_kernel(kernel: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
+  """Resize a patch-embedding kernel [kh, kw, C, D] to new_size with FlexiViT's PI-resize.
+
+  Same as timm's `resample_patch_embed`: the kernel is multiplied by the pseudo-inverse of the
+  bicubic (antialiased) resize matrix, so <resize(x), new_kernel> ~= <x, old_kernel>; this is how
+  a patch-14 DINOv2 becomes the patch-16 ViT of the official tokenizer.
+  """
+  kh, kw = kernel.shape[:2]
+  if (kh, kw) == tuple(new_size):
+    return kernel
+  m = np.kron(resize_weight_matrix(kh, new_size[0]), resize_weight_matrix(kw, new_size[1]))
+  pinv = np.linalg.pinv(m.astype(np.float32))  # [kh*kw, nh*nw]
+  flat = kernel.reshape(kh * kw, -1).astype(np.float32)  # [(kh kw), C*D]
+  out = pinv.T @ flat
+  return out.reshape(new_size[0], new_size[1], *kernel.shape[2:]).astype(kernel.dtype)
