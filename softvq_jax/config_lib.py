@@ -55,16 +55,23 @@ def model_config(size: str = "B", num_latent_tokens: int = 64, image_size: int =
 
 
 def data_config():
-  """Data section (input pipeline, `softvq_jax/data.py`)."""
+  """Data section (input pipeline, `softvq_jax/data.py`; docs/data.md)."""
   return ml_collections.ConfigDict(dict(
       source="demo",        # one of DATA_SOURCES
       path="",              # image-folder root, or TFDS data_dir
       tfds_name="imagenet2012",
       train_split="train",
-      eval_split="validation",
+      eval_split="validation",  # image folder: <path>/validation or <path>/val
       num_workers=0,        # grain worker processes (0 = in the main process)
-      prefetch_buffer_size=2,
+      prefetch_buffer_size=2,  # batches buffered per worker process
+      num_threads=8,        # decode threads inside each process (PIL releases the GIL)
+      read_buffer_size=64,  # decoded images buffered per process ahead of batching
       cache_dir="",         # where the image-folder file list is cached ("" = next to the data)
+      # uint8 until the device (4x fewer bytes); the trainer applies data.to_model_range.
+      output_dtype="uint8",
+      # Demo data (source="demo"): crops of scikit-image's bundled photographs.
+      demo_train_size=4096,
+      demo_eval_size=512,
   ))
 
 
