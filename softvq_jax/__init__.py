@@ -1,2 +1,8 @@
-"""softvq_jax: SoftVQ-VAE 1-D continuous image tokenizer in JAX/Flax NNX."""
+"""softvq_jax: SoftVQ-VAE 1-D continuous image tokenizer in JAX/Flax NNX.
+
+Public API: `load_tokenizer(path_or_hub_id) -> Tokenizer` with `encode` / `decode`.
+"""
+from softvq_jax.api import Tokenizer, load_tokenizer
+
 __version__ = "0.1.0"
+__all__ = ["Tokenizer", "load_tokenizer", "__version__"]

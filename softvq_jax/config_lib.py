@@ -11,6 +11,8 @@ import ml_collections
 
 # width, depth, heads of the timm/DINOv2 ViTs the official code builds (spec 1.1). MLP ratio 4.
 VIT_SIZES = {
+    "mini": (128, 4, 4),  # not a released size: the CPU demo and fast tests
+    "T": (192, 12, 3),
     "S": (384, 12, 6),
     "B": (768, 12, 12),
     "L": (1024, 24, 16),

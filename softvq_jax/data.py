@@ -91,14 +91,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   """
   if img.mode == "RGB":
     return img
-  if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-    arr = np.asarray(img, dtype=np.float64)  # [H, W]
-    if img.mode == "F":
-      hi = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
-    else:
-      hi = 65535.0 if arr.size and arr.max() > 255 else 255.0
-    arr8 = np.clip(np.rint(np.nan_to_num(arr) * (255.0 / hi)), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr8, "L").convert("RGB")
+  if img.mode.startswith("I;16") or img.mode == "I":
+    arr = np.asarray(img).astype(np.int64)  # [H, W]
+    # 16-bit data: keep the high byte, as PIL does for 16-bit RGB. Mode "I" (32-bit) carries no
+    # bit depth; values above 255 mean it holds 16-bit samples (PNG/TIFF loaders).
+    if img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+      arr = arr >> 8
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+  if img.mode == "F":
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))  # [H, W]
+    scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
   return img.convert("RGB")
 
 

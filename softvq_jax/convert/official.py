@@ -2,7 +2,7 @@
 
 The official repos (`SoftVQVAE/<name>`) are written by huggingface_hub's PyTorchModelHubMixin: a
 flat JSON of the PyTorch `ModelArgs` and the state dict (reference spec section 3). We read the
-architecture from the JSON — never assume codebook sizes, tau or latent statistics — refuse any
+architecture from the JSON — never assume codebook sizes or latent statistics — refuse any
 option our model does not implement, and load the weights strictly. Export writes the same
 format, so a model trained here loads in the official PyTorch code (and back here).
 """
@@ -29,8 +29,15 @@ IGNORED_KEYS = (
     r"projection\..*",                   # REPA projector (training only)
 )
 
-_SIZE_BY_NAME = {"small": "S", "base": "B", "large": "L"}
-_NAME_BY_SIZE = {"S": "vit_small_patch14_dinov2.lvd142m", "B": "vit_base_patch14_dinov2.lvd142m",
+# The official config.json has no `tau` field (see the reference's example field set): the
+# temperature is the model's constructor default, 0.07. We read `tau` when a file has it, and
+# export it only when it differs (PyTorch's ModelArgs would reject an unknown field otherwise).
+DEFAULT_TAU = 0.07
+
+_SIZE_BY_NAME = {"mini": "mini", "tiny": "T", "small": "S", "base": "B", "large": "L"}
+# "vit_mini" is ours (the CPU demo size); the official code only knows the timm names.
+_NAME_BY_SIZE = {"mini": "vit_mini_softvq", "T": "vit_tiny_patch16_224",
+                 "S": "vit_small_patch14_dinov2.lvd142m", "B": "vit_base_patch14_dinov2.lvd142m",
                  "L": "vit_large_patch14_dinov2.lvd142m"}
 
 # The field set of an official config.json (values: the published defaults) for export.
@@ -49,17 +56,17 @@ _EXPORT_DEFAULTS = {
 
 
 def _vit_size(field: str, name) -> str:
-  m = re.match(r"vit_(small|base|large)_", str(name))
+  m = re.match(r"vit_(mini|tiny|small|base|large)_", str(name))
   if not m:
     raise CheckpointError(f"config.json: {field}={name!r} is not a supported encoder/decoder "
-                          "(supported: timm vit_small/base/large_* DINOv2 ViTs)")
+                          "(supported: timm vit_tiny/small/base/large_* ViTs)")
   return _SIZE_BY_NAME[m.group(1)]
 
 
 def config_from_official(cfg: dict, *, source: str = CONFIG_NAME) -> TokenizerConfig:
   """Official `ModelArgs` JSON -> TokenizerConfig; unsupported options fail naming the field."""
   required = ("image_size", "encoder_model", "decoder_model", "num_latent_tokens",
-              "codebook_size", "codebook_embed_dim", "codebook_l2_norm", "num_codebooks", "tau")
+              "codebook_size", "codebook_embed_dim", "codebook_l2_norm", "num_codebooks")
   missing = [f for f in required if f not in cfg]
   if missing:
     raise CheckpointError(f"{source}: missing field(s) {missing}; is this a SoftVQ config.json?")
@@ -88,7 +95,8 @@ def config_from_official(cfg: dict, *, source: str = CONFIG_NAME) -> TokenizerCo
       decoder_size=_vit_size("decoder_model", cfg["decoder_model"]),
       num_latent_tokens=int(cfg["num_latent_tokens"]), codebook_size=int(cfg["codebook_size"]),
       codebook_embed_dim=int(cfg["codebook_embed_dim"]), num_codebooks=int(cfg["num_codebooks"]),
-      codebook_l2_norm=bool(cfg["codebook_l2_norm"]), tau=float(cfg["tau"]),
+      codebook_l2_norm=bool(cfg["codebook_l2_norm"]),
+      tau=float(cfg.get("tau", DEFAULT_TAU)),
       dec_cls_token=bool(cfg.get("dec_cls_token", True)),
       vq_mean=float(cfg.get("vq_mean", 0.0)), vq_std=float(cfg.get("vq_std", 1.0)))
 
@@ -100,8 +108,10 @@ def config_to_official(cfg: TokenizerConfig) -> dict:
       encoder_model=_NAME_BY_SIZE[cfg.encoder_size], decoder_model=_NAME_BY_SIZE[cfg.decoder_size],
       num_latent_tokens=cfg.num_latent_tokens, codebook_size=cfg.codebook_size,
       codebook_embed_dim=cfg.codebook_embed_dim, codebook_l2_norm=cfg.codebook_l2_norm,
-      num_codebooks=cfg.num_codebooks, tau=cfg.tau, dec_cls_token=cfg.dec_cls_token,
+      num_codebooks=cfg.num_codebooks, dec_cls_token=cfg.dec_cls_token,
       vq_mean=cfg.vq_mean, vq_std=cfg.vq_std)
+  if cfg.tau != DEFAULT_TAU:
+    out["tau"] = cfg.tau
   return dict(sorted(out.items()))
 
 

@@ -1,0 +1,9 @@
+"""SoftVQ-{size}-32 at 512 px: 32 tokens of dim 32; size L (released) or B / BL.
+
+Usage: --config=configs/sq32_512.py:SIZE   (SIZE defaults to L)
+"""
+from softvq_jax import config_lib
+
+
+def get_config(size: str = "L"):
+  return config_lib.base_config(size or "L", num_latent_tokens=32, image_size=512)

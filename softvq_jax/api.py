@@ -1,0 +1,164 @@
+"""The public inference API: `load_tokenizer(...)` -> `Tokenizer` with jitted encode / decode.
+
+This is what a Flax app or a generator's data pipeline uses. It loads a trained tokenizer from its
+own files only (never a teacher, discriminator or perceptual network), on whatever devices JAX
+sees, without the training mesh:
+
+    tok = softvq_jax.load_tokenizer("SoftVQVAE/softvq-l-64")   # hub id, or a local directory
+    tokens = tok.encode(images)           # [B, S, S, 3] in [-1, 1] -> [B, N, e] float32
+    images = tok.decode(tokens)           # [B, N, e] -> [B, S, S, 3] float32 (not clamped)
+    z = tok.encode(images, normalize=True)  # (tokens - vq_mean) / vq_std, for generators
+
+Sources, in the order they are tried: a local directory in the official hub format
+(`config.json` + `model.safetensors`, which is also what `Tokenizer.save` writes), else a Hugging
+Face hub id (downloaded through `huggingface_hub`, or taken from its local cache when offline).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from softvq_jax.convert import official
+from softvq_jax.convert.safetensors_io import CheckpointError
+from softvq_jax.models.tokenizer import SoftVQTokenizer, TokenizerConfig, abstract_tokenizer
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A loaded tokenizer: config, parameters (on device) and jitted encode / decode.
+
+  Any batch size works (each new batch shape compiles once). Inputs may be NumPy or JAX arrays;
+  uint8 images in [0, 255] are accepted and scaled to [-1, 1].
+  """
+  config: TokenizerConfig
+  model: SoftVQTokenizer
+
+  def __post_init__(self):
+    graphdef, state = nnx.split(self.model)
+    self._graphdef = graphdef
+    self._state = state
+    self._encode = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x))
+    self._decode = jax.jit(lambda st, z: nnx.merge(graphdef, st).decode(z))
+
+  @property
+  def latent_shape(self) -> tuple[int, int]:
+    return (self.config.num_latent_tokens, self.config.codebook_embed_dim)
+
+  def _images(self, images) -> jax.Array:
+    images = jnp.asarray(images)
+    if images.dtype == jnp.uint8:
+      images = images.astype(jnp.float32) / 127.5 - 1.0
+    elif not jnp.issubdtype(images.dtype, jnp.floating):
+      raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255], got {images.dtype}")
+    if images.ndim == 3:
+      raise ValueError(f"expected a batch [B, H, W, 3], got a single image {images.shape}; "
+                       "add a batch axis (images[None])")
+    return images
+
+  def encode(self, images, *, normalize: bool = False) -> jax.Array:
+    """[B, S, S, 3] NHWC in [-1, 1] -> tokens [B, N, e] float32 (z_q, the soft-quantised tokens).
+
+    normalize=True returns (tokens - vq_mean) / vq_std, the scale generators are trained on.
+    """
+    z = self._encode(self._state, self._images(images))
+    return self.normalize(z) if normalize else z
+
+  def decode(self, tokens, *, denormalize: bool = False) -> jax.Array:
+    """tokens [B, N, e] -> images [B, S, S, 3] float32 (the raw decoder output, not clamped).
+
+    denormalize=True first maps generator-scale latents back: tokens * vq_std + vq_mean.
+    """
+    tokens = jnp.asarray(tokens, jnp.float32)
+    if denormalize:
+      tokens = self.denormalize(tokens)
+    return self._decode(self._state, tokens)
+
+  def reconstruct(self, images) -> jax.Array:
+    """encode then decode, clamped to [-1, 1]."""
+    return jnp.clip(self.decode(self.encode(images)), -1.0, 1.0)
+
+  def normalize(self, tokens):
+    return (tokens - self.config.vq_mean) / self.config.vq_std
+
+  def denormalize(self, latents):
+    return latents * self.config.vq_std + self.config.vq_mean
+
+  def save(self, directory: str) -> None:
+    """Writes the official hub format (config.json + model.safetensors) to `directory`."""
+    official.export_official(nnx.merge(self._graphdef, self._state), directory)
+
+
+def _with_overrides(cfg: TokenizerConfig, compute_dtype, attention_backend) -> TokenizerConfig:
+  kw = {}
+  if compute_dtype is not None:
+    kw["compute_dtype"] = jnp.dtype(compute_dtype).name
+  if attention_backend is not None:
+    kw["attention_backend"] = attention_backend
+  return cfg.replace(**kw)
+
+
+def _empty_model(cfg: TokenizerConfig) -> SoftVQTokenizer:
+  """A model whose parameters are zero-size placeholders, filled by a strict loader.
+
+  Random initialisation of a 600M-parameter model would cost seconds for nothing.
+  """
+  abstract = abstract_tokenizer(cfg)
+  graphdef, state = nnx.split(abstract)
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)
+  return nnx.merge(graphdef, state)
+
+
+def from_official_dir(directory: str, *, compute_dtype=None, attention_backend=None) -> Tokenizer:
+  cfg = _with_overrides(official.read_official_config(directory), compute_dtype, attention_backend)
+  model = _empty_model(cfg)
+  official.load_official_weights(model, directory)
+  return Tokenizer(cfg, _to_device(model))
+
+
+def _to_device(model: SoftVQTokenizer) -> SoftVQTokenizer:
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.device_put(state))
+
+
+def load_tokenizer(path_or_hub_id: str, *, compute_dtype=None, attention_backend=None,
+                   revision: str | None = None) -> Tokenizer:
+  """Loads a tokenizer from an official-format directory, our checkpoint, or a hub id.
+
+  compute_dtype: override the activation dtype (e.g. "bfloat16" on GPU/TPU); parameters stay
+  float32. attention_backend: "auto" | "xla" | "cudnn" | "jax".
+  """
+  path = os.path.expanduser(str(path_or_hub_id))
+  if os.path.isdir(path):
+    if official.is_official_dir(path):
+      return from_official_dir(path, compute_dtype=compute_dtype,
+                               attention_backend=attention_backend)
+    raise CheckpointError(
+        f"{path}: not an official-format directory (needs {official.CONFIG_NAME} + "
+        f"{official.WEIGHTS_NAME}); export one with Tokenizer.save(directory)")
+  if os.path.exists(path):
+    raise CheckpointError(f"{path}: expected a directory, got a file")
+  if path.count("/") != 1 or path.startswith((".", "/")):
+    raise CheckpointError(f"{path}: no such directory, and not a hub id of the form 'owner/name'")
+  return from_official_dir(_download(path, revision), compute_dtype=compute_dtype,
+                           attention_backend=attention_backend)
+
+
+def _download(hub_id: str, revision: str | None) -> str:
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise CheckpointError("loading by hub id needs huggingface_hub (pip install huggingface_hub)"
+                          ) from None
+  files = [official.CONFIG_NAME, official.WEIGHTS_NAME]
+  try:
+    return huggingface_hub.snapshot_download(hub_id, revision=revision, allow_patterns=files)
+  except Exception as e:  # network errors, missing repos, gated repos: one clear message
+    raise CheckpointError(
+        f"could not get {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, "
+        f"download it once elsewhere (huggingface-cli download {hub_id}) and pass the local "
+        "directory instead") from None
