@@ -1,0 +1,32 @@
+"""Image grids for humans: inputs next to reconstructions, written as PNG (and later TensorBoard)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """[..., H, W, 3] float in [-1, 1] -> uint8 (clamped, rounded); the metrics use the same map."""
+  x = np.asarray(images, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(rows: list, pad: int = 2) -> np.ndarray:
+  """rows: equally shaped [B, H, W, 3] uint8 arrays -> one [R*(H+pad), B*(W+pad), 3] uint8 grid.
+
+  Row r shows batch r (e.g. row 0 the inputs, row 1 their reconstructions).
+  """
+  b, h, w, _ = rows[0].shape
+  grid = np.full((len(rows) * (h + pad) + pad, b * (w + pad) + pad, 3), 255, np.uint8)
+  for r, imgs in enumerate(rows):
+    for i in range(b):
+      y, x = pad + r * (h + pad), pad + i * (w + pad)
+      grid[y:y + h, x:x + w] = imgs[i]
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)
