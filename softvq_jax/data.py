@@ -494,6 +494,12 @@ def _read_options(data_config) -> grain.ReadOptions:
 
 def _prefetch(ds: grain.IterDataset, data_config) -> grain.IterDataset:
   if data_config.num_workers > 0:
+    # Grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks, scripts
+    # with argparse) nothing has parsed them and Grain fails with UnparsedFlagAccessError. Use the
+    # defaults then; under absl.app this is a no-op.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
         per_worker_buffer_size=max(1, data_config.prefetch_buffer_size)))
