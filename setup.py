@@ -24,6 +24,9 @@ setup(
         "pillow>=10",
         # Embedded demo data: scikit-image ships real photographs that load offline.
         "scikit-image>=0.22",
+        # ImageNet as TFDS ArrayRecord (tfds.data_source); reading needs no TensorFlow.
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
     ],
     extras_require={
         # torch/timm only for parity tests and weight conversion; never in the training path.
