@@ -85,6 +85,12 @@ def base_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 
   config.model = model_config(size, num_latent_tokens, image_size)
   config.data = data_config()
   config.batch_size = 256  # global batch
+  # Device mesh over axes (data, fsdp, tensor); -1 fills. (-1, 1, 1) = data parallel,
+  # (1, -1, 1) = fully sharded parameters and optimizer state (FSDP).
+  config.mesh_shape = (-1, 1, 1)
+  # logical parameter axis -> mesh axis (None = replicated); see softvq_jax/sharding.py.
+  config.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
+                           ("heads", "tensor"), ("vocab", "fsdp"), ("norm", None))
   return config
 
 
