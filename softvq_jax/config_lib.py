@@ -25,6 +25,17 @@ ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("demo", "folder", "tfds")
 
+# logical axis -> mesh axis (or None = replicated). `embed` over fsdp gives ZeRO-3-style
+# parameter/optimizer sharding; the rest is tensor parallelism when the tensor axis is > 1.
+DEFAULT_SHARDING_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "fsdp"),  # the codebook [C, K, e] has no embed axis; split its K codes
+    ("norm", None),
+)
+
 
 def model_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 256):
   """Model section for SoftVQ-{size}-{num_latent_tokens} (spec sections 1-2)."""
@@ -89,8 +100,7 @@ def base_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 
   # (1, -1, 1) = fully sharded parameters and optimizer state (FSDP).
   config.mesh_shape = (-1, 1, 1)
   # logical parameter axis -> mesh axis (None = replicated); see softvq_jax/sharding.py.
-  config.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
-                           ("heads", "tensor"), ("vocab", "fsdp"), ("norm", None))
+  config.sharding_rules = DEFAULT_SHARDING_RULES
   return config
 
 

@@ -20,19 +20,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from softvq_jax import config_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axis (or None = replicated). `embed` over fsdp gives ZeRO-3-style
-# parameter/optimizer sharding; the rest is tensor parallelism when the tensor axis is > 1.
-DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("qkv", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "fsdp"),  # the codebook [C, K, e] has no embed axis; split its K codes
-    ("norm", None),
-)
+DEFAULT_RULES = config_lib.DEFAULT_SHARDING_RULES
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
