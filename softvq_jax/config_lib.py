@@ -135,3 +135,6 @@ def validate(config) -> None:
     bad("data.source", f"{config.data.source!r} is not one of {DATA_SOURCES}")
   if config.batch_size <= 0:
     bad("batch_size", "must be positive")
+  shape = tuple(config.mesh_shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    bad("mesh_shape", f"{shape} must be 3 sizes (data, fsdp, tensor), positive or one -1")
