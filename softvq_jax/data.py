@@ -39,10 +39,11 @@ Design notes (why):
   the checkpoint state) and logs them with the word "skipped". Counting in the batch is what lets
   the count survive Grain's worker processes, whose own memory the trainer never sees.
 * Images leave the pipeline as uint8 NHWC by default (`config.data.output_dtype`): measured in
-  `benchmarks/input_pipeline.py` / BENCHMARKS.md, uint8 is as fast to produce as float32 and moves
-  4x fewer bytes through worker shared memory and host->device; `to_model_range` does the
-  reference's ToTensor + Normalize((0.5,), (0.5,)) on the device. With output_dtype="float32" the
-  pipeline does that scaling on the host and `to_model_range` is the identity.
+  `benchmarks/input_pipeline.py` / BENCHMARKS.md, uint8 is as fast as float32 in one process and
+  10-25% faster with worker processes (4x fewer bytes through shared memory), and it moves 4x fewer
+  bytes host->device; `to_model_range` does the reference's ToTensor + Normalize((0.5,), (0.5,))
+  on the device. With output_dtype="float32" the pipeline scales on the host and
+  `to_model_range` is the identity.
 * Eval is a fixed, finite pass: each process gets its `[process_index::process_count]` share,
   padded to the same number of full batches on every process (static shapes, no host deadlock on
   an uneven last step); padded or undecodable slots have mask=False.
