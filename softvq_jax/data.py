@@ -437,7 +437,13 @@ class InputIterator(grain.DatasetIterator):
             "skipped_examples": list(self.skipped.examples)}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["grain"])
+    try:
+      self._parent.set_state(state["grain"])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+      raise ValueError(
+          f"the input-pipeline state in the checkpoint does not fit this pipeline ({e!r}); it must "
+          "be restored with the config.data.num_workers, data source, seed, batch size and "
+          "process count of the run that saved it") from e
     self.skipped = SkipStats(int(state.get("skipped", 0)), list(state.get("skipped_examples", [])))
     self._next_log = 1
     while self._next_log <= self.skipped.count:

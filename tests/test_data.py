@@ -107,6 +107,9 @@ def test_resume_continues_with_the_exact_next_batch_across_epochs(num_workers):
   resumed.set_state(state)
   _assert_same_batches(_take(resumed, n_after), expected[n_before:])
   resumed.close()
+  if num_workers:  # a state from W workers cannot silently drive an in-process pipeline
+    with pytest.raises(ValueError, match="num_workers"):
+      data.build_train_pipeline(_cfg(demo_train_size=20), **kw).set_state(state)
 
 
 def test_orbax_grain_checkpoint_handler_roundtrip(tmp_path):
