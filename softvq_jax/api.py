@@ -10,8 +10,11 @@ sees, without the training mesh:
     z = tok.encode(images, normalize=True)  # (tokens - vq_mean) / vq_std, for generators
 
 Sources, in the order they are tried: a local directory in the official hub format
-(`config.json` + `model.safetensors`, which is also what `Tokenizer.save` writes), else a Hugging
-Face hub id (downloaded through `huggingface_hub`, or taken from its local cache when offline).
+(`config.json` + `model.safetensors`, which is also what `Tokenizer.save` writes); a training
+workdir of ours, its `checkpoints/` directory or one step directory (the newest complete
+checkpoint's EMA weights, restored alone onto one device: no mesh, no optimizer state); else a
+Hugging Face hub id (downloaded through `huggingface_hub`, or taken from its local cache when
+offline).
 """
 from __future__ import annotations
 
@@ -120,6 +123,23 @@ def from_official_dir(directory: str, *, compute_dtype=None, attention_backend=N
   return Tokenizer(cfg, _to_device(model))
 
 
+def from_training_checkpoint(step_dir: str, *, compute_dtype=None,
+                             attention_backend=None) -> Tokenizer:
+  """EMA weights of one of our step directories (`checkpoint.resolve_step_dir`)."""
+  from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel  # imports Orbax
+  from softvq_jax.train_state import split_model  # pylint: disable=import-outside-toplevel
+  meta = checkpoint.read_json_item(step_dir, "metadata")
+  fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
+  cfg = TokenizerConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+  cfg = _with_overrides(cfg, compute_dtype, attention_backend)
+  graphdef, abstract = split_model(abstract_tokenizer(cfg))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        abstract)
+  params = checkpoint.restore_ema(step_dir, target)
+  return Tokenizer(cfg, nnx.merge(graphdef, params))
+
+
 def _to_device(model: SoftVQTokenizer) -> SoftVQTokenizer:
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, jax.device_put(state))
@@ -127,7 +147,8 @@ def _to_device(model: SoftVQTokenizer) -> SoftVQTokenizer:
 
 def load_tokenizer(path_or_hub_id: str, *, compute_dtype=None, attention_backend=None,
                    revision: str | None = None) -> Tokenizer:
-  """Loads a tokenizer from an official-format directory, our checkpoint, or a hub id.
+  """Loads a tokenizer from an official-format directory, our training workdir/checkpoint
+  (EMA weights of the newest complete checkpoint), or a hub id.
 
   compute_dtype: override the activation dtype (e.g. "bfloat16" on GPU/TPU); parameters stay
   float32. attention_backend: "auto" | "xla" | "cudnn" | "jax".
@@ -137,9 +158,15 @@ def load_tokenizer(path_or_hub_id: str, *, compute_dtype=None, attention_backend
     if official.is_official_dir(path):
       return from_official_dir(path, compute_dtype=compute_dtype,
                                attention_backend=attention_backend)
+    from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    step_dir = checkpoint.resolve_step_dir(path)
+    if step_dir is not None:
+      return from_training_checkpoint(step_dir, compute_dtype=compute_dtype,
+                                      attention_backend=attention_backend)
     raise CheckpointError(
-        f"{path}: not an official-format directory (needs {official.CONFIG_NAME} + "
-        f"{official.WEIGHTS_NAME}); export one with Tokenizer.save(directory)")
+        f"{path}: neither an official-format directory (needs {official.CONFIG_NAME} + "
+        f"{official.WEIGHTS_NAME}; export one with Tokenizer.save(directory)) nor a training "
+        "workdir / checkpoint of ours (<workdir>/checkpoints/<step>/state)")
   if os.path.exists(path):
     raise CheckpointError(f"{path}: expected a directory, got a file")
   if path.count("/") != 1 or path.startswith((".", "/")):

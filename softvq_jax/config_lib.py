@@ -11,7 +11,8 @@ import ml_collections
 
 # width, depth, heads of the timm/DINOv2 ViTs the official code builds (spec 1.1). MLP ratio 4.
 VIT_SIZES = {
-    "mini": (128, 4, 4),  # not a released size: the CPU demo and fast tests
+    "micro": (64, 2, 2),  # not a released size: fast tests
+    "mini": (128, 4, 4),  # not a released size: the CPU demo
     "T": (192, 12, 3),
     "S": (384, 12, 6),
     "B": (768, 12, 12),
@@ -24,6 +25,8 @@ MODEL_SIZES = {"B": ("B", "B"), "BL": ("B", "L"), "L": ("L", "L")}
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("demo", "folder", "tfds")
+OPTIMIZERS = ("adamw", "adam")
+RECONSTRUCTION_LOSSES = ("l2", "l1")
 
 # logical axis -> mesh axis (or None = replicated). `embed` over fsdp gives ZeRO-3-style
 # parameter/optimizer sharding; the rest is tensor parallelism when the tensor axis is > 1.
@@ -88,6 +91,38 @@ def data_config():
   ))
 
 
+def optim_config():
+  """Optimizer, schedule, clipping and EMA (spec 5, as the released code actually runs)."""
+  return ml_collections.ConfigDict(dict(
+      # "adamw": decoupled weight decay on parameters with >= 2 dims (the reference's grouping:
+      # no decay on biases, norms, LayerScale). "adam": plain Adam, weight_decay ignored — what the
+      # released training script runs (its AdamW setting never reaches the optimizer).
+      name="adamw",
+      lr=1e-4,                 # at global batch 256; scaled by batch_size / 256 if lr_batch_scaling
+      lr_batch_scaling=True,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=1e-4,
+      # timm cosine schedule, per step (spec 5): linear warm-up from an absolute warmup_init_lr,
+      # then min_lr + (lr - min_lr) * (1 + cos(pi * t / num_train_steps)) / 2 (cosine from step 0).
+      warmup_steps=5005,       # one ImageNet epoch at batch 256
+      warmup_init_lr=1e-5,
+      min_lr_ratio=0.1,
+      grad_clip_norm=1.0,      # global norm; <= 0 disables
+      ema_decay=0.9999,        # EMA of all generator parameters, after every step
+  ))
+
+
+def loss_config():
+  """Weights of the generator objective (spec 5). Each term's weight is a schedule of the step."""
+  return ml_collections.ConfigDict(dict(
+      reconstruction="l2",     # pixel loss: mean((x - x_hat)^2) ("l2") or mean(|x - x_hat|) ("l1")
+      reconstruction_weight=1.0,
+      entropy_weight=0.01,     # the reference's entropy_loss_ratio
+  ))
+
+
 def base_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 256):
   """Everything a run needs, with the published recipe's values where they exist."""
   config = ml_collections.ConfigDict()
@@ -96,6 +131,22 @@ def base_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 
   config.model = model_config(size, num_latent_tokens, image_size)
   config.data = data_config()
   config.batch_size = 256  # global batch
+  # Split each global batch into this many sequential micro-batches whose gradients are averaged
+  # (large global batches on few devices); the optimizer steps once per global batch.
+  config.grad_accum_steps = 1
+  config.optim = optim_config()
+  config.loss = loss_config()
+  # Training loop (softvq_jax/train.py). 50 epochs of ImageNet at batch 256 (spec 5).
+  config.num_train_steps = 250_250
+  config.log_every_steps = 100          # scalars to TensorBoard + stdout (window means)
+  config.image_every_steps = 5000       # input | EMA reconstruction grid (PNG + TensorBoard)
+  config.num_grid_images = 8
+  config.checkpoint_every_steps = 5000  # async Orbax save; also at the end and on SIGTERM
+  config.keep_checkpoints = 3           # the newest K checkpoints are kept ...
+  config.keep_every_steps = 50_000      # ... plus every M-th step for good (0: none)
+  # Per-device peak FLOP/s for the MFU metric; 0 = look the device kind up (GPUs/TPUs; the CPU
+  # has no entry and reports no MFU).
+  config.peak_flops_per_device = 0.0
   # Device mesh over axes (data, fsdp, tensor); -1 fills. (-1, 1, 1) = data parallel,
   # (1, -1, 1) = fully sharded parameters and optimizer state (FSDP).
   config.mesh_shape = (-1, 1, 1)
@@ -135,6 +186,34 @@ def validate(config) -> None:
     bad("data.source", f"{config.data.source!r} is not one of {DATA_SOURCES}")
   if config.batch_size <= 0:
     bad("batch_size", "must be positive")
+  if config.grad_accum_steps <= 0 or config.batch_size % config.grad_accum_steps:
+    bad("grad_accum_steps", f"{config.grad_accum_steps} must be positive and divide "
+        f"batch_size={config.batch_size}")
+  o = config.optim
+  if o.name not in OPTIMIZERS:
+    bad("optim.name", f"{o.name!r} is not one of {OPTIMIZERS}")
+  if not o.lr > 0:
+    bad("optim.lr", f"must be > 0, got {o.lr}")
+  if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
+    bad("optim.b1", f"Adam betas must be in [0, 1), got b1={o.b1}, b2={o.b2}")
+  if o.weight_decay < 0:
+    bad("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  if o.warmup_steps < 0 or o.warmup_steps >= max(config.num_train_steps, 1):
+    bad("optim.warmup_steps", f"{o.warmup_steps} must be in [0, num_train_steps="
+        f"{config.num_train_steps})")
+  if not 0 <= o.min_lr_ratio <= 1:
+    bad("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+  if not 0 <= o.ema_decay < 1:
+    bad("optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+  if config.loss.reconstruction not in RECONSTRUCTION_LOSSES:
+    bad("loss.reconstruction", f"{config.loss.reconstruction!r} is not one of "
+        f"{RECONSTRUCTION_LOSSES}")
+  for f in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "image_every_steps",
+            "keep_checkpoints"):
+    if config[f] <= 0:
+      bad(f, f"must be positive, got {config[f]}")
+  if config.keep_every_steps < 0:
+    bad("keep_every_steps", f"must be >= 0, got {config.keep_every_steps}")
   shape = tuple(config.mesh_shape)
   if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     bad("mesh_shape", f"{shape} must be 3 sizes (data, fsdp, tensor), positive or one -1")

@@ -1,16 +1,21 @@
 """Command-line entry point: `python -m softvq_jax.main --config=configs/X.py --workdir=DIR`.
 
 Modes:
+  train        (default) train the tokenizer of --config in --workdir: TensorBoard logs,
+               metrics.jsonl, reconstruction grids in images/, Orbax checkpoints in checkpoints/.
+               Resumes by itself from the newest complete checkpoint in --workdir.
   reconstruct  encode + decode a batch of evaluation images (the embedded demo photographs by
                default) with a tokenizer — random-initialised from the config, or loaded with
                `--checkpoint` (an official-format directory or hub id) — and write
                `reconstructions.png` (top row inputs, bottom row reconstructions) plus PSNR.
-(Training, evaluation, statistics and extraction modes are added by the training and evaluation
-systems.)
+Multi-host: `jax.distributed.initialize()` is called when the environment says the job spans
+several processes (TPU pod slices, SLURM, or JAX_COORDINATOR_ADDRESS / --coordinator_address);
+every process runs this same command.
 """
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -20,7 +25,10 @@ import numpy as np
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for outputs (logs, images, checkpoints)")
-_MODE = flags.DEFINE_enum("mode", "reconstruct", ["reconstruct"], "what to run")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "reconstruct"], "what to run")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "yes", "no"],
+    "call jax.distributed.initialize(): auto = when the environment describes a multi-process job")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "tokenizer to load (official-format dir or hub id); default: "
                                   "random initialisation from --config")
@@ -57,6 +65,35 @@ def reconstruct(config, workdir: str) -> dict:
   return result
 
 
+def _is_multiprocess_environment() -> bool:
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES", "1") not in ("", "1"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  # TPU VM pod slices: more than one worker host.
+  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+class _QuietLibraries:
+  """Drops INFO records of Orbax (dozens of lines per save) from the log; warnings pass."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _setup_jax() -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  # Random numbers independent of the mesh, so a resume on another mesh shape is exact.
+  jax.config.update("jax_threefry_partitionable", True)
+  if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and
+                                     _is_multiprocess_environment()):
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -66,7 +103,12 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   config_lib.validate(config)
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  if _MODE.value == "reconstruct":
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _setup_jax()
+  if _MODE.value == "train":
+    from softvq_jax import train  # pylint: disable=import-outside-toplevel
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "reconstruct":
     reconstruct(config, _WORKDIR.value)
 
 

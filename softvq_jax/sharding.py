@@ -9,6 +9,12 @@ tensor parallelism splits `mlp` / `qkv` / `heads` over `tensor`.
 
 A dimension that a mesh axis does not divide is left unsplit (e.g. a codebook dim of 32 on a
 fsdp axis of 64) instead of failing: correctness never depends on the rules, only memory does.
+
+FSDP means every parameter is split (ZeRO-3): a parameter whose logical axes gave it no `fsdp`
+split (LayerNorm scales, LayerScale gammas, biases of tensor-parallel axes when `tensor` is 1) is
+split over `fsdp` along its largest dimension that `fsdp` divides. Without this, those small
+vectors stay replicated and, with their Adam moments and EMA, cost ~10% over the 1/N target on
+narrow models.
 """
 from __future__ import annotations
 
@@ -87,11 +93,26 @@ def _logical_axes(var) -> tuple | None:
   return meta.get("out_sharding")
 
 
+def _with_fsdp_split(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Adds an `fsdp` split on the largest free dimension it divides, if the spec has none."""
+  n = mesh.shape.get("fsdp", 1)
+  parts = list(spec) + [None] * (len(shape) - len(spec))
+  if n == 1 or "fsdp" in parts:
+    return spec
+  free = [i for i, p in enumerate(parts) if p is None and shape[i] % n == 0]
+  if not free:
+    return spec
+  parts[max(free, key=lambda i: shape[i])] = "fsdp"
+  return PartitionSpec(*parts)
+
+
 def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-  """NamedSharding for every array of an NNX state (abstract or concrete), from its metadata."""
+  """NamedSharding for every parameter of an NNX state (abstract or concrete): its logical axes
+  mapped by `rules`, plus the FSDP split of anything left whole (module docstring)."""
   def one(var):
     if isinstance(var, nnx.Variable):
       spec = logical_to_spec(_logical_axes(var), rules, mesh, var.shape)
+      spec = _with_fsdp_split(spec, var.shape, mesh)
       return var.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

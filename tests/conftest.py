@@ -21,3 +21,27 @@ def require(module_name: str):
     if os.environ.get("SOFTVQ_REQUIRE_TORCH") == "1":
       pytest.fail(f"{module_name} is required (SOFTVQ_REQUIRE_TORCH=1) but cannot be imported: {e}")
     pytest.skip(f"{module_name} not installed")
+
+
+def tiny_config():
+  """configs/demo.py shrunk for fast CPU tests: 32 px, 2-block ViTs, batch 8 (one per device)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  config.image_size = 32
+  config.model.encoder_size = config.model.decoder_size = "micro"
+  config.model.num_latent_tokens = 8
+  config.model.num_codebooks = 2
+  config.model.codebook_size = 64
+  config.model.codebook_embed_dim = 16
+  config.batch_size = 8
+  config.num_train_steps = 100
+  config.optim.warmup_steps = 2
+  config.num_grid_images = 2
+  config.data.demo_train_size = 64
+  config.data.demo_eval_size = 8
+  config.data.num_threads = 2
+  return config

@@ -14,7 +14,7 @@ def test_main_reconstruct_on_demo_data(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's plain run
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--config=configs/demo.py",
-       f"--workdir={tmp_path}", "--num_images=4"],
+       f"--workdir={tmp_path}", "--mode=reconstruct", "--num_images=4"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "reconstruct.json").read_text())
