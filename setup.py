@@ -16,6 +16,9 @@ setup(
         "grain>=0.2.12",
         "ml_collections>=1.0",
         "clu>=0.0.12",
+        # clu's metric writers (TensorBoard event files) import TensorFlow and TensorBoard.
+        "tensorflow-cpu>=2.16",
+        "tensorboard>=2.16",
         "absl-py",
         "numpy>=1.26",
         "ml_dtypes",
