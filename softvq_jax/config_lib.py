@@ -189,13 +189,18 @@ def validate(config) -> None:
   if config.grad_accum_steps <= 0 or config.batch_size % config.grad_accum_steps:
     bad("grad_accum_steps", f"{config.grad_accum_steps} must be positive and divide "
         f"batch_size={config.batch_size}")
+  for f in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "image_every_steps",
+            "keep_checkpoints"):
+    if config[f] <= 0:
+      bad(f, f"must be positive, got {config[f]}")
   o = config.optim
   if o.name not in OPTIMIZERS:
     bad("optim.name", f"{o.name!r} is not one of {OPTIMIZERS}")
   if not o.lr > 0:
     bad("optim.lr", f"must be > 0, got {o.lr}")
-  if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
-    bad("optim.b1", f"Adam betas must be in [0, 1), got b1={o.b1}, b2={o.b2}")
+  for f in ("b1", "b2"):
+    if not 0 <= o[f] < 1:
+      bad(f"optim.{f}", f"Adam betas must be in [0, 1), got {o[f]}")
   if o.weight_decay < 0:
     bad("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
   if o.warmup_steps < 0 or o.warmup_steps >= max(config.num_train_steps, 1):
@@ -208,10 +213,6 @@ def validate(config) -> None:
   if config.loss.reconstruction not in RECONSTRUCTION_LOSSES:
     bad("loss.reconstruction", f"{config.loss.reconstruction!r} is not one of "
         f"{RECONSTRUCTION_LOSSES}")
-  for f in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "image_every_steps",
-            "keep_checkpoints"):
-    if config[f] <= 0:
-      bad(f, f"must be positive, got {config[f]}")
   if config.keep_every_steps < 0:
     bad("keep_every_steps", f"must be >= 0, got {config.keep_every_steps}")
   shape = tuple(config.mesh_shape)

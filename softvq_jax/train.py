@@ -214,7 +214,9 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
                            abstract_batch)
   peak = peak_flops_per_device(config)
 
-  grid_inputs = jnp.asarray(data.to_model_range(_grid_images(config, config.num_grid_images)))
+  # The same images on every process, as one replicated global array (multi-host safe).
+  grid_inputs = jax.make_array_from_process_local_data(
+      rep, np.asarray(data.to_model_range(_grid_images(config, config.num_grid_images))))
   ema_reconstruct = jax.jit(
       lambda p, x: jnp.clip(nnx.merge(graphdef, p)(x).reconstruction, -1.0, 1.0),
       out_shardings=rep)
@@ -222,7 +224,8 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   def write_grid(step: int, state: TrainState):
     recon = np.asarray(ema_reconstruct(state.ema_params, grid_inputs))
     if is_main:
-      grid = visualize.image_grid([visualize.to_uint8(grid_inputs), visualize.to_uint8(recon)])
+      grid = visualize.image_grid([visualize.to_uint8(np.asarray(grid_inputs)),
+                                   visualize.to_uint8(recon)])
       visualize.save_png(os.path.join(workdir, "images", f"recon_{step:08d}.png"), grid)
       writer.write_images(step, {"reconstruction/input_vs_ema": grid[None]})
 
@@ -278,15 +281,13 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
         summary["perf/images_per_s"] = config.batch_size * n / elapsed
         if flops and peak:
           summary["perf/mfu"] = flops * n / elapsed / (peak * jax.device_count())
-        skipped = getattr(train_iter, "skipped", None)
+        skipped = getattr(train_iter, "skipped", None)  # the pipeline itself logs the file names
         if skipped is not None:
           summary["data/skipped"] = float(skipped.count)
         if is_main:
           writer.write_scalars(step, summary)
           with open(metrics_path, "a") as f:
             f.write(json.dumps(dict(step=step, **summary)) + "\n")
-          if skipped is not None and skipped.count:
-            logging.warning("train input: %s", train_iter.skipped_summary())
         acc = new_window()
         window = _Window(time.time(), step)
       if step % config.image_every_steps == 0 or step == total_steps:

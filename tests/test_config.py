@@ -26,6 +26,10 @@ def test_config_files_validate(path):
     ("image_size", 250), ("model.encoder_size", "XL"), ("model.num_codebooks", 3),
     ("model.tau", 0.0), ("model.compute_dtype", "int8"), ("model.attention_backend", "flash"),
     ("model.vq_std", 0.0), ("data.source", "s3"), ("batch_size", 0), ("mesh_shape", (1, 1)),
+    ("grad_accum_steps", 3), ("optim.name", "sgd"), ("optim.lr", 0.0), ("optim.b2", 1.0),
+    ("optim.weight_decay", -1.0), ("optim.warmup_steps", 10**9), ("optim.min_lr_ratio", 2.0),
+    ("optim.ema_decay", 1.0), ("loss.reconstruction", "l3"), ("num_train_steps", 0),
+    ("log_every_steps", 0), ("checkpoint_every_steps", -1), ("keep_every_steps", -5),
 ])
 def test_bad_values_name_the_field(field, value):
   config = _load(os.path.join(ROOT, "configs", "sq64_256.py")).get_config("B")

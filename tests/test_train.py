@@ -212,3 +212,22 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with ocp.StandardCheckpointer() as c:
     saved = c.restore(tmp_path / "checkpoints" / "4" / "state")
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+
+
+def test_bad_files_are_skipped_and_reported_in_the_training_log(tmp_path, caplog):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "images" / "class0"
+  root.mkdir(parents=True)
+  rng = np.random.RandomState(0)
+  for i in range(15):
+    Image.fromarray(rng.randint(0, 256, (40, 48, 3)).astype(np.uint8)).save(root / f"{i}.jpg")
+  (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+  config = _short_run_config(num_train_steps=4, checkpoint_every_steps=4, image_every_steps=4)
+  config.data.source, config.data.path = "folder", str(tmp_path / "images")
+  config.data.eval_split = "train"  # the grid images come from the same folder
+  workdir = tmp_path / "run"
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, str(workdir))
+  assert "skipped 1 bad image files" in caplog.text and "broken.jpg" in caplog.text
+  last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["data/skipped"] == 2  # 4 steps x 8 images = 2 epochs of the 16 files
