@@ -98,11 +98,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-@dataclasses.dataclass
-class _Window:
-  """Wall-clock bookkeeping of one logging window."""
-  start_time: float
-  start_step: int
+def _log_compiled(compiled, seconds: float) -> None:
+  try:
+    mem = compiled.memory_analysis()
+    gib = lambda b: b / 2**30  # noqa: E731
+    logging.info("compiled the train step in %.1f s; per device: arguments %.3f GiB, outputs "
+                 "%.3f GiB (aliased %.3f), temporaries %.3f GiB", seconds,
+                 gib(mem.argument_size_in_bytes), gib(mem.output_size_in_bytes),
+                 gib(mem.alias_size_in_bytes), gib(mem.temp_size_in_bytes))
+  except Exception:  # pylint: disable=broad-except  # memory analysis is backend-dependent
+    logging.info("compiled the train step in %.1f s", seconds)
 
 
 def _metadata(config, cfg: TokenizerConfig, mesh) -> dict[str, Any]:
@@ -204,7 +209,11 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   start_step = int(state.step)
 
   abstract_batch = trainer.abstract_batch(config)
-  p_step = trainer.p_step
+  # Compiled ahead of the loop: the compile time and the per-device memory are known (and logged)
+  # before the first step, and the first window's step time does not include the compilation.
+  t0 = time.time()
+  p_step = trainer.p_step.lower(abstract, abstract_batch).compile()
+  _log_compiled(p_step, time.time() - t0)
   metrics_shape = jax.eval_shape(trainer.step_fn, abstract, abstract_batch)[1]
   p_accumulate = jax.jit(steps.accumulate_metrics, donate_argnums=(0,))
   new_window = jax.jit(functools.partial(steps.init_accumulator, metrics_shape), out_shardings=rep)
@@ -260,7 +269,7 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
       every_secs=None)
   preemption = _Preemption(checkpointer)
   acc = new_window()
-  window = _Window(time.time(), start_step)
+  window_start, window_step = time.time(), start_step
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   step = start_step
   try:
@@ -275,8 +284,8 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
       if step % config.log_every_steps == 0 or step == total_steps or preempted:
         check_finite(acc)
         summary = steps.summarize_window(jax.device_get(acc))
-        elapsed = time.time() - window.start_time
-        n = step - window.start_step
+        elapsed = time.time() - window_start
+        n = step - window_step
         summary["perf/step_time_s"] = elapsed / n
         summary["perf/images_per_s"] = config.batch_size * n / elapsed
         if flops and peak:
@@ -289,7 +298,7 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
           with open(metrics_path, "a") as f:
             f.write(json.dumps(dict(step=step, **summary)) + "\n")
         acc = new_window()
-        window = _Window(time.time(), step)
+        window_start, window_step = time.time(), step
       if step % config.image_every_steps == 0 or step == total_steps:
         write_grid(step, state)
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
