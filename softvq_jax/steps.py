@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -137,8 +138,7 @@ def summarize_window(acc: dict[str, Any]) -> dict[str, float]:
     if k in ("steps", "first_nonfinite_step", "code_hist", "nonfinite"):
       continue
     out[k] = float(v) / n
-  hist = jnp.asarray(acc["code_hist"])
-  out["codebook/usage_window"] = float(jnp.mean((hist > 0).astype(jnp.float32)))
+  out["codebook/usage_window"] = float(np.mean(np.asarray(acc["code_hist"]) > 0))
   return out
 
 
