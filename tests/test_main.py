@@ -21,7 +21,7 @@ def test_main_reconstruct_on_demo_data(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "reconstruct.json").read_text())
-  assert result["num_images"] == 4 and result["tokens_shape"] == [16, 32]
+  assert result["num_images"] == 4 and result["tokens_shape"] == [32, 32]
   assert np.isfinite(result["psnr"])
   grid = np.asarray(Image.open(tmp_path / "reconstructions.png"))
   assert grid.shape == (2 * (64 + 2) + 2, 4 * (64 + 2) + 2, 3)
