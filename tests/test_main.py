@@ -56,10 +56,10 @@ def _train_cmd(workdir, steps):
           f"--workdir={workdir}", f"--config.num_train_steps={steps}"] + _TRAIN_FLAGS
 
 
-def _train(workdir, steps):
+def _train(workdir, steps, *extra_flags):
   env = dict(os.environ, XLA_FLAGS="")
-  proc = subprocess.run(_train_cmd(workdir, steps), cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run(_train_cmd(workdir, steps) + list(extra_flags), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -88,14 +88,18 @@ def _wait_for(path, proc, timeout=300):
 
 
 def test_main_trains_and_loads_as_tokenizer(tmp_path):
-  proc = _train(tmp_path, 8)
+  # The CPU has no entry in the peak-FLOPs table; give one so that MFU is reported.
+  proc = _train(tmp_path, 8, "--config.peak_flops_per_device=1e12")
   assert "starting from scratch" in proc.stderr
+  assert "compiled the train step" in proc.stderr
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
   assert list((tmp_path).glob("events.out.tfevents.*")), "no TensorBoard event file"
   assert (tmp_path / "images" / "recon_00000008.png").exists()
   logged = _logged(tmp_path)
   assert sorted(logged) == [2, 4, 6, 8]
   assert all(np.isfinite(m["loss/total"]) for m in logged.values())
+  perf = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert perf["perf/images_per_s"] > 0 and 0 < perf["perf/mfu"] < 1
   import softvq_jax  # pylint: disable=import-outside-toplevel
   tok = softvq_jax.load_tokenizer(str(tmp_path))  # the newest checkpoint's EMA weights
   tokens = tok.encode(np.zeros((1, 32, 32, 3), np.float32))
