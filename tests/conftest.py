@@ -12,6 +12,14 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# timm must be imported before TensorFlow (which the trainer's clu metric writers import): in the
+# other order the process segfaults at timm's import (measured with tensorflow-cpu 2.21, torch
+# 2.14.1, timm 1.0.31). Tests of both kinds share one pytest process, so import it first here.
+try:
+  import timm  # noqa: E402,F401  # pylint: disable=unused-import
+except ImportError:
+  pass
+
 
 def require(module_name: str):
   """Imports an optional test dependency; skips (or fails under SOFTVQ_REQUIRE_TORCH=1) if absent."""

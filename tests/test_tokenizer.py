@@ -322,7 +322,8 @@ def test_unsupported_official_options_fail_naming_the_field(tmp_path):
 
 
 def test_bad_paths_are_explained(tmp_path):
-  with pytest.raises(CheckpointError, match="not an official-format directory"):
+  with pytest.raises(CheckpointError, match="neither an official-format directory .* nor a "
+                                            "training workdir"):
     softvq_jax.load_tokenizer(str(tmp_path))
   with pytest.raises(CheckpointError, match="not a hub id"):
     softvq_jax.load_tokenizer(str(tmp_path / "does" / "not" / "exist"))
