@@ -59,7 +59,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from absl import logging
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from softvq_jax import data_sources
 from softvq_jax.data_sources import DataSourceError  # re-exported  # noqa: F401
@@ -128,6 +128,10 @@ def decode_image(image: bytes | str | np.ndarray) -> Image.Image:
         raise BadImageError("empty file (0 bytes)")
       with open(image, "rb") as fh:
         f = io.BytesIO(fh.read())
+    # tensorflow_datasets sets PIL's process-global LOAD_TRUNCATED_IMAGES = True as a side effect
+    # of its image utilities (seen in tests once TensorFlow is installed): keep truncated files
+    # failing here whatever another library did to the flag.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     with Image.open(f) as img:
       img.load()
       if img.width < 1 or img.height < 1:

@@ -512,3 +512,14 @@ def test_make_global_batch_shards_over_data_and_fsdp():
   assert g2["label"].sharding.spec == PartitionSpec(("data",))
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     data.make_global_batch({"image": batch["image"][:6]}, mesh)
+
+
+def test_truncated_files_stay_bad_when_another_library_flips_pil_flag(dirty, monkeypatch):
+  """tensorflow_datasets sets PIL's global LOAD_TRUNCATED_IMAGES = True; our decoder must not care."""
+  from PIL import ImageFile  # pylint: disable=import-outside-toplevel
+  root, _, contents = dirty
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+  for name, (_, ok) in contents.items():
+    if not ok and name.endswith((".jpg", ".jpeg")):
+      with pytest.raises(data.BadImageError):
+        data.decode_image(os.path.join(root, "cls", name))
