@@ -44,7 +44,9 @@ class Tokenizer:
   def __post_init__(self):
     graphdef, state = nnx.split(self.model)
     self._graphdef = graphdef
-    self._state = state
+    # On the device once: host NumPy weights (often transposed views after a conversion) would
+    # otherwise be copied again by every call (measured: L-64 encode 1.17 vs 1.49 img/s on CPU).
+    self._state = jax.device_put(state)
     self._encode = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x))
     self._decode = jax.jit(lambda st, z: nnx.merge(graphdef, st).decode(z))
 
@@ -120,7 +122,7 @@ def from_official_dir(directory: str, *, compute_dtype=None, attention_backend=N
   cfg = _with_overrides(official.read_official_config(directory), compute_dtype, attention_backend)
   model = _empty_model(cfg)
   official.load_official_weights(model, directory)
-  return Tokenizer(cfg, _to_device(model))
+  return Tokenizer(cfg, model)
 
 
 def from_training_checkpoint(step_dir: str, *, compute_dtype=None,
@@ -138,11 +140,6 @@ def from_training_checkpoint(step_dir: str, *, compute_dtype=None,
                         abstract)
   params = checkpoint.restore_ema(step_dir, target)
   return Tokenizer(cfg, nnx.merge(graphdef, params))
-
-
-def _to_device(model: SoftVQTokenizer) -> SoftVQTokenizer:
-  graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, jax.device_put(state))
 
 
 def load_tokenizer(path_or_hub_id: str, *, compute_dtype=None, attention_backend=None,
