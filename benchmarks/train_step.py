@@ -61,6 +61,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_util import cpu_model, model_name  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
@@ -95,25 +96,6 @@ _OMP_WAIT = flags.DEFINE_enum("torch_omp_wait_policy", "default", ["default", "p
                               "environment as it is); set before torch is imported")
 _PAUSE_S = 0.1  # before each window: lets the other framework's spinning worker threads go idle
 _FROZEN_TORCH = ("decoder.model.patch_embed.",)  # official-only module, unused by the forward
-
-
-def model_name(config) -> str:
-  m = config.model
-  if m.encoder_size not in ("B", "L") or m.decoder_size not in ("B", "L"):
-    return f"SoftVQ-{m.encoder_size}/{m.decoder_size}-{m.num_latent_tokens}"
-  size = m.encoder_size if m.encoder_size == m.decoder_size else m.encoder_size + m.decoder_size
-  return f"SoftVQ-{size}-{m.num_latent_tokens}"
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 class TorchTrainStep:
