@@ -30,4 +30,19 @@ def get_config():
   config.image_every_steps = 250
   config.checkpoint_every_steps = 250
   config.keep_every_steps = 0
+  # The whole objective of spec 5, switched on early and shrunk to the demo's scale: LPIPS-VGG,
+  # REPA with a small ViT teacher, the DINO-style discriminator with a small backbone reading the
+  # 64-px image directly (4 readouts), LeCam and consistency regularisation. No pretrained files
+  # can be downloaded here, so the frozen networks are randomly initialised (set
+  # config.pretrained.* to real files for real runs, see README "The training objective").
+  config.pretrained.allow_random_init = True
+  config.loss.perceptual_warmup_steps = 100
+  config.loss.disc_start = 200
+  config.disc.backbone_size = "micro"
+  config.disc.img_size = 64
+  config.disc.patch_size = 8
+  config.disc.readout_blocks = (0, 1)
+  config.repa.teacher_size = "micro"
+  config.repa.patch_size = 8
+  config.repa.hidden_dim = 128
   return config

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -33,8 +34,19 @@ ITEMS = ("state", "data", "config", "metadata")
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+def absolute_workdir(workdir) -> str:
+  """A local path made absolute; a URL (gs://bucket/run, s3://...) returned unchanged.
+
+  Why not os.path.abspath: it turns "gs://b/run" into "<cwd>/gs:/b/run", a silently local
+  directory. Everything that touches the workdir goes through etils.epath (tf.io.gfile for gs://),
+  as Orbax does.
+  """
+  path = os.fspath(workdir)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def checkpoint_dir(workdir) -> str:
+  return str(epath.Path(absolute_workdir(workdir)) / CHECKPOINT_SUBDIR)
 
 
 def library_versions() -> dict[str, str]:
@@ -45,6 +57,14 @@ def library_versions() -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
       pass
   return out
+
+
+def without_frozen(state):
+  """The state minus its frozen pretrained networks, which are loaded from their own files at
+  every start (checkpointing 300M frozen weights every few thousand steps would be waste)."""
+  if getattr(state, "frozen", None) is not None:
+    return state.replace(frozen=None)
+  return state
 
 
 class Checkpointer:
@@ -72,7 +92,7 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Starts an async save of everything at `step`; returns whether a save was started."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(without_frozen(state)),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config),
         metadata=ocp.args.JsonSave(dict(metadata, step=int(step),
@@ -83,7 +103,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, *, data_iterator=None):
     """Restores the TrainState onto the shardings carried by `abstract_state`'s leaves
     (jax.ShapeDtypeStruct with .sharding) and, if given, the iterator's position in place."""
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    items = dict(state=ocp.args.StandardRestore(without_frozen(abstract_state)))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -106,25 +126,32 @@ class Checkpointer:
 
 def read_json_item(step_dir: str, item: str) -> dict[str, Any]:
   """Reads a JSON item ("config" / "metadata") of one step directory (no mesh needed)."""
-  path = os.path.join(step_dir, item)
-  if not os.path.isdir(path):
+  path = epath.Path(step_dir) / item
+  if not path.is_dir():
     raise FileNotFoundError(f"{path}: this checkpoint has no {item!r} item")
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
+def write_json_item(step_dir: str, item: str, value: dict[str, Any]) -> None:
+  """Replaces a JSON item of one step directory (atomically: Orbax writes a temporary directory
+  and renames it), e.g. to add latent statistics to "metadata" after training."""
+  path = os.path.join(step_dir, item)
+  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(path, value, force=True)
 
 
 def resolve_step_dir(path: str) -> str | None:
   """A workdir, its checkpoints/ directory or one step directory -> the step directory to load
   (the newest complete one), or None if `path` holds no checkpoint of ours."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config")):
-    return path
-  for root in (os.path.join(path, CHECKPOINT_SUBDIR), path):
-    if not os.path.isdir(root):
+  path = epath.Path(absolute_workdir(path))
+  if (path / "state").is_dir() and (path / "config").is_dir():
+    return str(path)
+  for root in (path / CHECKPOINT_SUBDIR, path):
+    if not root.is_dir():
       continue
-    steps = [int(d) for d in os.listdir(root)
-             if d.isdigit() and os.path.isdir(os.path.join(root, d, "state"))]
+    steps = [int(d.name) for d in root.iterdir()
+             if d.name.isdigit() and (d / "state").is_dir()]
     if steps:
-      return os.path.join(root, str(max(steps)))
+      return str(root / str(max(steps)))
   return None
 
 

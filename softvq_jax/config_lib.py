@@ -120,6 +120,93 @@ def loss_config():
       reconstruction="l2",     # pixel loss: mean((x - x_hat)^2) ("l2") or mean(|x - x_hat|) ("l1")
       reconstruction_weight=1.0,
       entropy_weight=0.01,     # the reference's entropy_loss_ratio
+      # LPIPS-VGG perceptual loss (config.pretrained.lpips): weight * min(1, step / warmup).
+      perceptual_weight=1.0,
+      perceptual_warmup_steps=10_000,
+      # REPA (config.pretrained.repa_teacher, config.repa): weight * -cos(teacher, projector(z_q)).
+      repa_weight=0.1,
+      # GAN (config.pretrained.dino, config.disc): generator term weight from disc_start on, and
+      # the discriminator loss weight w_d(t) (spec 5). 0 turns the discriminator off entirely.
+      gan_weight=0.2,
+      disc_start=20_000,
+      disc_loss="hinge",       # hinge (released) | vanilla | non-saturating
+      gen_adv_loss="hinge",    # hinge: -mean D(x_hat) (released) | non-saturating
+      # Adaptive generator weight ||grad L_rec+p|| / ||grad L_adv|| at the pixel head (off in the
+      # release; the authors suggest trying it when the released config under-performs).
+      adaptive_weight=False,
+      lecam_weight=0.001,
+      lecam_decay=0.999,
+      cr_weight=4.0,           # consistency regularisation, from disc_start on (0 = off)
+      disc_aug="color,translation,cutout_0.2",
+      disc_aug_prob=0.5,
+      cr_aug="color,translation,cutout_0.5",
+      cr_aug_prob=1.0,
+  ))
+
+
+def disc_config():
+  """The DINO discriminator (spec 5.1): frozen DINO ViT-S/16 at 224 px + 5 readout heads."""
+  return ml_collections.ConfigDict(dict(
+      backbone_size="S",
+      img_size=224,
+      patch_size=16,
+      readout_blocks=(2, 5, 8, 11),
+      head_kernel_size=9,
+  ))
+
+
+def repa_config():
+  """REPA (spec 5): frozen DINOv2 teacher at patch 16 / the image size, projector MLP on z_q."""
+  return ml_collections.ConfigDict(dict(
+      teacher_size="L",
+      patch_size=16,
+      teacher_depth=0,         # 0 = the size's depth (tests use fewer blocks)
+      hidden_dim=1024,
+  ))
+
+
+def pretrained_config():
+  """Files of the frozen pretrained networks (evaluation and the training objective).
+
+  Empty = not given: whatever needs the network fails at start-up naming the field, unless
+  `allow_random_init` is set (demo/tests only: the metric names then say "random").
+  """
+  return ml_collections.ConfigDict(dict(
+      # FID Inception-v3: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or its .safetensors
+      # conversion (python -m softvq_jax.convert.inception_weights).
+      inception="",
+      # LPIPS-VGG: one .safetensors made by `python -m softvq_jax.convert.lpips_weights` from
+      # torchvision's vgg16-397923af.pth and the lpips package's vgg.pth heads.
+      lpips="",
+      # DINO ViT-S/16 discriminator backbone: dino_deitsmall16_pretrain.pth (or .safetensors).
+      dino="",
+      # REPA teacher: timm DINOv2 weights (e.g. vit_large_patch14_dinov2 model.safetensors).
+      repa_teacher="",
+      allow_random_init=False,
+  ))
+
+
+def eval_config():
+  """Evaluation (softvq_jax/evaluate.py): `--mode=eval` and the in-loop evaluation."""
+  return ml_collections.ConfigDict(dict(
+      num_images=0,          # --mode=eval: first N images of data.eval_split (0 = all: 50k)
+      batch_size=0,          # global eval batch (0 = config.batch_size)
+      every_steps=0,         # in-loop evaluation of the EMA weights every N steps (0 = off)
+      in_loop_num_images=1000,
+      num_grid_images=8,
+      reference_stats="",    # optional .npz with mu/sigma (e.g. an ADM reference batch)
+  ))
+
+
+def latents_config():
+  """The latent contract (softvq_jax/latents.py): `--mode=stats` and `--mode=extract`."""
+  return ml_collections.ConfigDict(dict(
+      split="train",         # the split whose tokens are measured / extracted
+      num_images=50_000,     # --mode=stats: images used (0 = the whole split)
+      batch_size=0,          # global batch (0 = config.batch_size)
+      flip=False,            # --mode=extract: also store tokens of the horizontal flips
+      chunk_batches=50,      # --mode=extract: batches per .npz chunk (the unit of resume)
+      out_dir="",            # --mode=extract: default <workdir>/tokens
   ))
 
 
@@ -136,6 +223,14 @@ def base_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 
   config.grad_accum_steps = 1
   config.optim = optim_config()
   config.loss = loss_config()
+  config.pretrained = pretrained_config()
+  config.disc = disc_config()
+  config.repa = repa_config()
+  # Frozen networks (LPIPS VGG, DINO backbone, REPA teacher): "replicated" on every device, or
+  # "fsdp" (split like the parameters; for the 300M-parameter DINOv2-L on small-memory chips).
+  config.frozen_sharding = "replicated"
+  config.eval = eval_config()
+  config.latents = latents_config()
   # Training loop (softvq_jax/train.py). 50 epochs of ImageNet at batch 256 (spec 5).
   config.num_train_steps = 250_250
   config.log_every_steps = 100          # scalars to TensorBoard + stdout (window means)
@@ -215,6 +310,54 @@ def validate(config) -> None:
         f"{RECONSTRUCTION_LOSSES}")
   if config.keep_every_steps < 0:
     bad("keep_every_steps", f"must be >= 0, got {config.keep_every_steps}")
+  lc = config.loss
+  for f in ("perceptual_weight", "repa_weight", "gan_weight", "lecam_weight", "cr_weight",
+            "perceptual_warmup_steps", "disc_start"):
+    if lc[f] < 0:
+      bad(f"loss.{f}", f"must be >= 0, got {lc[f]}")
+  for f in ("disc_aug_prob", "cr_aug_prob", "lecam_decay"):
+    if not 0 <= lc[f] <= 1:
+      bad(f"loss.{f}", f"must be in [0, 1], got {lc[f]}")
+  if lc.disc_loss not in ("hinge", "vanilla", "non-saturating"):
+    bad("loss.disc_loss", f"{lc.disc_loss!r} is not one of hinge, vanilla, non-saturating")
+  if lc.gen_adv_loss not in ("hinge", "non-saturating"):
+    bad("loss.gen_adv_loss", f"{lc.gen_adv_loss!r} is not one of hinge, non-saturating")
+  if lc.gan_weight > 0:
+    if config.grad_accum_steps > 1:
+      bad("grad_accum_steps", "gradient accumulation is not supported with the GAN term "
+          "(loss.gan_weight > 0): the discriminator's batch-norm statistics and LeCam EMAs are "
+          "defined per global batch. Use more devices, a smaller batch_size, or model.remat=True")
+    if config.disc.backbone_size not in VIT_SIZES:
+      bad("disc.backbone_size", f"{config.disc.backbone_size!r} is not one of {sorted(VIT_SIZES)}")
+    depth = VIT_SIZES[config.disc.backbone_size][1]
+    if any(not 0 <= int(i) < depth for i in config.disc.readout_blocks):
+      bad("disc.readout_blocks", f"{tuple(config.disc.readout_blocks)} must lie in 0..{depth - 1}")
+    if config.disc.img_size % config.disc.patch_size:
+      bad("disc.img_size", f"{config.disc.img_size} is not a multiple of disc.patch_size")
+  if lc.repa_weight > 0:
+    r = config.repa
+    if r.teacher_size not in VIT_SIZES:
+      bad("repa.teacher_size", f"{r.teacher_size!r} is not one of {sorted(VIT_SIZES)}")
+    p = (config.image_size // r.patch_size) ** 2
+    if config.image_size % r.patch_size or p % m.num_latent_tokens:
+      bad("repa.patch_size", f"the teacher's {p} tokens (image_size {config.image_size} / patch "
+          f"{r.patch_size}, squared) must be a multiple of num_latent_tokens="
+          f"{m.num_latent_tokens} for REPA's 'repeat' alignment")
+  if lc.perceptual_weight > 0 and config.image_size < 16:
+    bad("loss.perceptual_weight", "LPIPS-VGG needs images of at least 16 px")
+  if config.frozen_sharding not in ("replicated", "fsdp"):
+    bad("frozen_sharding", f"{config.frozen_sharding!r} is not 'replicated' or 'fsdp'")
+  ev = config.eval
+  for f in ("num_images", "batch_size", "every_steps", "in_loop_num_images"):
+    if ev[f] < 0:
+      bad(f"eval.{f}", f"must be >= 0, got {ev[f]}")
+  if ev.every_steps and ev.in_loop_num_images < 2:
+    bad("eval.in_loop_num_images", "the in-loop evaluation needs at least 2 images")
+  lat = config.latents
+  if lat.num_images < 0 or lat.batch_size < 0:
+    bad("latents.num_images", "num_images and batch_size must be >= 0")
+  if lat.chunk_batches <= 0:
+    bad("latents.chunk_batches", f"must be positive, got {lat.chunk_batches}")
   shape = tuple(config.mesh_shape)
   if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     bad("mesh_shape", f"{shape} must be 3 sizes (data, fsdp, tensor), positive or one -1")

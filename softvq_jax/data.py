@@ -563,13 +563,14 @@ def eval_num_batches(num_records: int, local_batch_size: int, process_count: int
 
 def build_eval_pipeline(data_config, *, image_size: int, global_batch_size: int,
                         process_index: int = 0, process_count: int = 1, split: str | None = None,
-                        source=None) -> InputIterator:
+                        source=None, start_batch: int = 0) -> InputIterator:
   """One finite, unshuffled, centre-cropped pass over `split` (default `eval_split`).
 
   Each process reads records process_index, process_index + P, ...; every process yields
   `num_batches` full batches, the tail padded with mask=False slots. Undecodable records also
   become mask=False slots (and are counted as skipped) so that per-process shapes stay static.
-  Build a new one for each evaluation.
+  Build a new one for each evaluation. `start_batch` skips that many batches without reading
+  them (resuming a token extraction); `num_batches` still counts the whole pass.
   """
   local_bs = _check_common(data_config, image_size, global_batch_size, process_index,
                            process_count)
@@ -578,9 +579,12 @@ def build_eval_pipeline(data_config, *, image_size: int, global_batch_size: int,
   n = len(source)
   shard_len = len(range(process_index, n, process_count))
   num_batches = eval_num_batches(n, local_bs, process_count)
+  if not 0 <= start_batch <= num_batches:
+    raise ValueError(f"start_batch {start_batch} is outside the pass of {num_batches} batches")
   ds = grain.MapDataset.range(num_batches * local_bs)
   ds = ds.map_with_index(_EvalExample(source, image_size, data_config.output_dtype,
                                       process_index, process_count, shard_len))
+  ds = ds[start_batch * local_bs:]
   ds = ds.batch(local_bs, drop_remainder=True, batch_fn=_eval_batch_fn)
   ds = ds.to_iter_dataset(_read_options(data_config))
   ds = _prefetch(ds, data_config)

@@ -24,16 +24,36 @@ def reconstruction_loss(images: Array, reconstruction: Array, kind: str = "l2") 
   raise ValueError(f"unknown reconstruction loss {kind!r}; use 'l2' or 'l1'")
 
 
-def generator_weights(loss_config, step: Array) -> dict[str, Array]:
-  """Weight of every generator term at `step` (1-based, as the reference counts).
+def generator_weights(loss_config, step: Array, terms=None) -> dict[str, Array]:
+  """Weight of every generator term at `step` (1-based, as the reference counts), spec 5:
 
-  Terms present now: the pixel reconstruction loss and the SoftVQ entropy loss (constant weights).
+    reconstruction  loss.reconstruction_weight                       (1.0)
+    entropy         loss.entropy_weight                              (0.01)
+    perceptual      loss.perceptual_weight * min(1, step / warmup)   (1.0, warm-up 10k steps)
+    repa            loss.repa_weight                                 (0.1)
+    adversarial     loss.gan_weight if step >= disc_start else 0     (0.2 from step 20k)
+
+  `terms`: the names present (default: all with a non-zero configured weight).
   """
-  del step  # the constant terms do not depend on it; scheduled terms will
-  return {
-      "reconstruction": jnp.float32(loss_config.reconstruction_weight),
-      "entropy": jnp.float32(loss_config.entropy_weight),
+  lc = loss_config
+  step = jnp.asarray(step, jnp.float32)
+  warm = lc.perceptual_warmup_steps
+  all_weights = {
+      "reconstruction": jnp.float32(lc.reconstruction_weight),
+      "entropy": jnp.float32(lc.entropy_weight),
+      "perceptual": lc.perceptual_weight * (jnp.minimum(1.0, step / warm) if warm > 0
+                                            else jnp.float32(1.0)),
+      "repa": jnp.float32(lc.repa_weight),
+      "adversarial": jnp.where(step >= lc.disc_start, jnp.float32(lc.gan_weight), 0.0),
   }
+  if terms is None:
+    terms = [k for k in all_weights
+             if k in ("reconstruction", "entropy") or lc[_WEIGHT_FIELDS[k]] > 0]
+  return {k: all_weights[k] for k in terms}
+
+
+_WEIGHT_FIELDS = {"perceptual": "perceptual_weight", "repa": "repa_weight",
+                  "adversarial": "gan_weight"}
 
 
 def weighted_sum(terms: dict[str, Array], weights: dict[str, Array]) -> tuple[Array, dict]:
@@ -52,3 +72,107 @@ def weighted_sum(terms: dict[str, Array], weights: dict[str, Array]) -> tuple[Ar
     total = total + weights[k] * value
   metrics["loss/total"] = total
   return total, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# GAN terms (spec 5). Logits are the discriminator's [B, 980] outputs; every loss takes the mean
+# over all of them, in float32.
+# --------------------------------------------------------------------------------------------
+
+def hinge_d_loss(real: Array, fake: Array) -> Array:
+  """0.5 * (mean relu(1 - real) + mean relu(1 + fake)): the released discriminator loss."""
+  real, fake = real.astype(jnp.float32), fake.astype(jnp.float32)
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)))
+
+
+def vanilla_d_loss(real: Array, fake: Array) -> Array:
+  """0.5 * (mean softplus(-real) + mean softplus(fake)) (taming-transformers' 'vanilla')."""
+  real, fake = real.astype(jnp.float32), fake.astype(jnp.float32)
+  return 0.5 * (jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)))
+
+
+def discriminator_loss(real: Array, fake: Array, kind: str = "hinge") -> Array:
+  """The reference's discriminator-loss options: 'hinge' (released), 'vanilla', 'non-saturating'.
+
+  'non-saturating' is the binary cross-entropy of real -> 1 and fake -> 0, which equals
+  'vanilla'. (The reference's own `non_saturating_d_loss` passes the arguments of
+  `F.binary_cross_entropy_with_logits` the other way round, targets as logits; that is a
+  different, linear-in-the-logits function which we do not reproduce. It is not used by the
+  released configs.)
+  """
+  if kind == "hinge":
+    return hinge_d_loss(real, fake)
+  if kind in ("vanilla", "non-saturating", "non_saturating"):
+    return vanilla_d_loss(real, fake)
+  raise ValueError(f"unknown discriminator loss {kind!r}; use 'hinge', 'vanilla' or "
+                   "'non-saturating'")
+
+
+def generator_adversarial_loss(fake: Array, kind: str = "hinge") -> Array:
+  """Generator's GAN term: 'hinge' = -mean(fake) (released), 'non-saturating' =
+  mean softplus(-fake).
+
+  (As for the discriminator, the reference's non-saturating generator loss has swapped BCE
+  arguments; we implement the standard form.)
+  """
+  fake = fake.astype(jnp.float32)
+  if kind == "hinge":
+    return -jnp.mean(fake)
+  if kind in ("non-saturating", "non_saturating", "vanilla"):
+    return jnp.mean(jax.nn.softplus(-fake))
+  raise ValueError(f"unknown generator adversarial loss {kind!r}; use 'hinge' or 'non-saturating'")
+
+
+def lecam_init() -> dict[str, Array]:
+  """LeCam EMA statistics {'real', 'fake'} (float32 scalars, initialised to 0 as the reference)."""
+  return {"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)}
+
+
+def lecam_update(ema: dict[str, Array], real: Array, fake: Array,
+                 decay: float = 0.999) -> dict[str, Array]:
+  """ema <- decay * ema + (1 - decay) * batch-mean logits, for real and fake (no gradient).
+
+  The reference updates the EMAs *before* computing the regulariser with them. Its mean is over
+  each GPU's local batch (so its EMAs differ slightly per GPU); ours is over the global batch,
+  identical on every device.
+  """
+  real = jax.lax.stop_gradient(jnp.mean(real.astype(jnp.float32)))
+  fake = jax.lax.stop_gradient(jnp.mean(fake.astype(jnp.float32)))
+  return {"real": ema["real"] * decay + real * (1.0 - decay),
+          "fake": ema["fake"] * decay + fake * (1.0 - decay)}
+
+
+def lecam_regularizer(real: Array, fake: Array, ema_real: Array, ema_fake: Array) -> Array:
+  """mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2) (Tseng et al. 2021)."""
+  real, fake = real.astype(jnp.float32), fake.astype(jnp.float32)
+  ema_real = jax.lax.stop_gradient(jnp.asarray(ema_real, jnp.float32))
+  ema_fake = jax.lax.stop_gradient(jnp.asarray(ema_fake, jnp.float32))
+  return (jnp.mean(jnp.square(jax.nn.relu(real - ema_fake)))
+          + jnp.mean(jnp.square(jax.nn.relu(ema_real - fake))))
+
+
+def consistency_loss(real: Array, fake: Array, real_strong: Array, fake_strong: Array,
+                     weight: float | Array = 1.0) -> Array:
+  """weight * mean((cat[real, fake] - cat[real_strong, fake_strong])^2) (the reference's CR term).
+
+  real/fake: logits of the usual augmentation; *_strong: logits of the strong augmentation
+  ('color,translation,cutout_0.5', probability 1). The reference uses weight 4.0 from step 20k.
+  Gradients flow into both sides (both are discriminator outputs).
+  """
+  a = jnp.concatenate([real.astype(jnp.float32), fake.astype(jnp.float32)], axis=0)
+  b = jnp.concatenate([real_strong.astype(jnp.float32), fake_strong.astype(jnp.float32)], axis=0)
+  if a.shape != b.shape:
+    raise ValueError(f"consistency_loss: logits {a.shape} and strong logits {b.shape} differ")
+  return jnp.asarray(weight, jnp.float32) * jnp.mean(jnp.square(a - b))
+
+
+def adaptive_generator_weight(rec_grad_norm: Array, adv_grad_norm: Array, *,
+                              max_weight: float = 1e4, eps: float = 1e-4) -> Array:
+  """clip(|grad_last L_rec| / (|grad_last L_adv| + eps), 0, max_weight), without gradient.
+
+  The norms are of the gradients w.r.t. the last layer (the pixel head's weight) of the
+  reconstruction(+perceptual) loss and of the generator's adversarial loss (taming's
+  `calculate_adaptive_weight`; off in the released recipe, where the weight is 1).
+  """
+  w = jnp.asarray(rec_grad_norm, jnp.float32) / (jnp.asarray(adv_grad_norm, jnp.float32) + eps)
+  return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))

@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from softvq_jax import checkpoint as ckpt_lib
 from softvq_jax import config_lib, data, optim, sharding, steps, visualize
+from softvq_jax import objective as objective_lib
 from softvq_jax.models.tokenizer import TokenizerConfig
 from softvq_jax.train_state import (TrainState, abstract_train_state, init_train_state,
                                     train_state_shardings)
@@ -140,7 +142,22 @@ class Trainer:
   batch_sharding: NamedSharding
   step_fn: Callable            # the pure step (not jitted)
   p_step: Callable
-  init_state: Callable[[], TrainState]  # a fresh state, created directly sharded
+  init_fn: Callable[[], TrainState]  # a fresh state without frozen networks, directly sharded
+  objective: Any = None        # objective.Objective (None: pixel + entropy only)
+  load_frozen_fn: Callable[[], Any] = lambda: None
+
+  def frozen(self):
+    """The frozen networks (LPIPS, DINO backbone, REPA teacher) on the mesh; loaded once."""
+    if not hasattr(self, "_frozen"):
+      self._frozen = self.load_frozen_fn()
+    return self._frozen
+
+  def with_frozen(self, state: TrainState) -> TrainState:
+    """A restored (or fresh) state completed with the frozen networks the step needs."""
+    return state.replace(frozen=self.frozen())
+
+  def init_state(self) -> TrainState:
+    return self.with_frozen(self.init_fn())
 
   def abstract_batch(self, config) -> dict[str, jax.ShapeDtypeStruct]:
     s = config.image_size
@@ -155,20 +172,41 @@ def build_trainer(config, mesh: Mesh, *, grad_accum_steps: int | None = None) ->
   cfg = TokenizerConfig.from_config(config)
   tx, schedule = optim.build_optimizer(config.optim, batch_size=config.batch_size,
                                        total_steps=int(config.num_train_steps))
-  graphdef, abstract = abstract_train_state(cfg, tx, config.seed)
-  state_sh = train_state_shardings(abstract, tx, mesh, rules)
+  obj = objective_lib.build_objective(config)
+  obj = obj if obj.any_network else None
+  # The discriminator: the generator's optimizer settings and schedule (spec 5), its own state.
+  disc_tx = (optim.build_optimizer(config.optim, batch_size=config.batch_size,
+                                   total_steps=int(config.num_train_steps))[0]
+             if obj is not None and obj.gan else None)
+  graphdef, abstract = abstract_train_state(cfg, tx, config.seed, objective=obj, disc_tx=disc_tx)
+  if obj is not None:
+    abstract = abstract.replace(frozen=objective_lib.abstract_frozen(obj))
+  state_sh = train_state_shardings(abstract, tx, mesh, rules, disc_tx=disc_tx,
+                                   frozen_sharding=config.frozen_sharding)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = steps.make_train_step(
       graphdef, tx, schedule, loss_config=config.loss, ema_decay=config.optim.ema_decay,
       grad_accum_steps=config.grad_accum_steps if grad_accum_steps is None else grad_accum_steps,
-      batch_sharding=batch_sh)
+      batch_sharding=batch_sh, objective=obj, disc_tx=disc_tx)
   p_step = jax.jit(step_fn, in_shardings=(state_sh, {"image": batch_sh}),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  init = jax.jit(functools.partial(init_train_state, cfg, tx, config.seed), out_shardings=state_sh)
+  init = jax.jit(functools.partial(init_train_state, cfg, tx, config.seed, objective=obj,
+                                   disc_tx=disc_tx),
+                 out_shardings=state_sh.replace(frozen=None))
+
+  def load_frozen():
+    if obj is None:
+      return None
+    frozen, random = objective_lib.load_frozen(obj, config)
+    logging.info("frozen networks of the objective: %s",
+                 {k: "random init" if v else "pretrained" for k, v in random.items()})
+    return jax.device_put(frozen, state_sh.frozen)
+
   return Trainer(mesh=mesh, graphdef=graphdef, abstract_state=abstract, state_sharding=state_sh,
-                 batch_sharding=batch_sh, step_fn=step_fn, p_step=p_step, init_state=init)
+                 batch_sharding=batch_sh, step_fn=step_fn, p_step=p_step, init_fn=init,
+                 objective=obj, load_frozen_fn=load_frozen)
 
 
 def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = None) -> TrainState:
@@ -178,8 +216,8 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   {"image": [B_local, S, S, 3]} and, for exact resume, be a Grain iterator.
   """
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = ckpt_lib.absolute_workdir(workdir)  # a str: local (absolute) path or gs:// / s3:// URL
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -201,7 +239,7 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   latest = checkpointer.latest_step()
   if latest is not None:
     ckpt_lib.log_restore(latest, checkpointer.directory)
-    state = checkpointer.restore(latest, abstract, data_iterator=train_iter)
+    state = trainer.with_frozen(checkpointer.restore(latest, abstract, data_iterator=train_iter))
   else:
     logging.info("no checkpoint in %s: starting from scratch (seed %d)", checkpointer.directory,
                  config.seed)
@@ -237,6 +275,19 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
                                    visualize.to_uint8(recon)])
       visualize.save_png(os.path.join(workdir, "images", f"recon_{step:08d}.png"), grid)
       writer.write_images(step, {"reconstruction/input_vs_ema": grid[None]})
+
+  evaluator = None
+  if config.eval.every_steps:  # built up front: missing Inception/LPIPS files fail at start-up
+    from softvq_jax import evaluate  # pylint: disable=import-outside-toplevel
+    evaluator = evaluate.Evaluator(config, mesh, graphdef, workdir)
+
+  def run_eval(step: int, state: TrainState):
+    result = evaluator(state.ema_params, num_images=config.eval.in_loop_num_images)
+    if is_main:
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+      writer.write_images(step, {"eval/input_vs_ema": evaluator.last_grid[None]})
+      with epath.Path(workdir, "eval_metrics.jsonl").open("a") as f:
+        f.write(json.dumps(dict(step=step, **result)) + "\n")
 
   def check_finite(acc) -> None:
     bad = steps.nonfinite_step(jax.device_get(acc))
@@ -295,12 +346,14 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
           summary["data/skipped"] = float(skipped.count)
         if is_main:
           writer.write_scalars(step, summary)
-          with open(metrics_path, "a") as f:
+          with epath.Path(metrics_path).open("a") as f:
             f.write(json.dumps(dict(step=step, **summary)) + "\n")
         acc = new_window()
         window_start, window_step = time.time(), step
       if step % config.image_every_steps == 0 or step == total_steps:
         write_grid(step, state)
+      if evaluator is not None and (step % config.eval.every_steps == 0 or step == total_steps):
+        run_eval(step, state)
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
         save(step, acc, force=preempted or step == total_steps)
       if preempted:

@@ -1,8 +1,9 @@
 """Image grids for humans: inputs next to reconstructions, written as PNG (and later TensorBoard)."""
 from __future__ import annotations
 
-import os
+import io
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -27,6 +28,10 @@ def image_grid(rows: list, pad: int = 2) -> np.ndarray:
   return grid
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+def save_png(path, image: np.ndarray) -> None:
+  """Writes a PNG to a local path or a gs:// URL (epath; PIL itself only knows local files)."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  path.write_bytes(buf.getvalue())

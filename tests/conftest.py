@@ -52,4 +52,8 @@ def tiny_config():
   config.data.demo_train_size = 64
   config.data.demo_eval_size = 8
   config.data.num_threads = 2
+  # the full objective, active from the first steps (GAN from step 2)
+  config.disc.img_size = 32
+  config.loss.disc_start = 2
+  config.loss.perceptual_warmup_steps = 4
   return config

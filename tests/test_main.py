@@ -48,6 +48,8 @@ _TRAIN_FLAGS = [
     "--config.model.codebook_size=64", "--config.batch_size=8", "--config.optim.warmup_steps=2",
     "--config.log_every_steps=2", "--config.checkpoint_every_steps=4",
     "--config.image_every_steps=8", "--config.num_grid_images=2", "--config.data.num_threads=2",
+    # the demo's full objective (LPIPS, REPA, GAN + LeCam + CR), the GAN active from step 2
+    "--config.loss.disc_start=2", "--config.loss.perceptual_warmup_steps=4",
 ]
 
 
@@ -125,6 +127,11 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
   assert "resuming from step" in resumed.stderr
   assert _logged(dir_) == _logged(ref_dir)  # bitwise-equal logged losses at every step
   ref_state, state = _final_state(ref_dir, steps), _final_state(dir_, steps)
+  # the whole objective's state is checkpointed and resumed (frozen networks are not saved)
+  for part in ("proj_params", "disc_params", "disc_state", "disc_opt_state", "lecam"):
+    assert jax_leaves(ref_state[part]), part
+  assert "frozen" not in ref_state or not jax_leaves(ref_state["frozen"])
+  assert abs(float(ref_state["lecam"]["real"])) > 0  # the LeCam EMA did move
   for a, b in zip(jax_leaves(ref_state), jax_leaves(state)):
     np.testing.assert_array_equal(a, b)
 

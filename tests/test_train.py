@@ -36,6 +36,7 @@ def _objectives():
   """The full objective, and the pixel loss alone (entropy weight 0)."""
   full, pixel = tiny_config(), tiny_config()
   pixel.loss.entropy_weight = 0.0
+  pixel.loss.perceptual_weight = pixel.loss.repa_weight = pixel.loss.gan_weight = 0.0
   return {"full": full, "pixel": pixel}
 
 
@@ -63,16 +64,26 @@ def test_meshes_match_one_device(single_device_runs, mesh_shape):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert int(state.step) == STEPS
     assert not np.allclose(ref_losses[0], ref_losses[-1])  # the steps did train
-    atol = 0.5 * config.optim.lr if name == "full" else 1e-6
-    for tree in ("params", "ema_params"):
+    # Full objective: Adam moves a parameter by at most ~lr per step whatever its gradient, so
+    # reduction-order noise in near-zero gradients (entropy 1/0.01 sharpening, the GAN's batch
+    # norm) can flip single elements by up to one update; nearly all must agree far tighter.
+    atol = 1.5 * config.optim.lr if name == "full" else 1e-6
+    trees = ("params", "ema_params") + (
+        ("proj_params", "disc_params", "disc_state", "lecam") if name == "full" else ())
+    for tree in trees:
       for a, b in zip(jax.tree.leaves(getattr(state, tree)), jax.tree.leaves(getattr(ref_state, tree))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=f"{name} {tree}")
+        if name == "full" and np.size(a) > 100:
+          close = np.abs(np.asarray(a) - np.asarray(b)) <= 0.1 * config.optim.lr + 1e-4 * np.abs(b)
+          assert close.mean() > 0.95, f"{name} {tree}: only {close.mean():.4f} of elements agree"
 
 
 def test_fsdp_per_device_state_bytes_are_an_eighth():
   """Compiled memory analysis: the step's state arguments per device under (1,8,1) FSDP are at
-  most 1/8 of the replicated (8,1,1) layout + 5%."""
+  most 1/8 of the replicated (8,1,1) layout + 5% — frozen networks included when
+  `frozen_sharding="fsdp"` (by default they are replicated: fast, and small next to the model)."""
   config = tiny_config()
+  config.frozen_sharding = "fsdp"
 
   def state_bytes(mesh_shape):
     trainer = train.build_trainer(config, sharding.create_mesh(mesh_shape))
@@ -113,9 +124,11 @@ def test_weight_decay_skips_vectors():
 
 
 def test_gradient_accumulation_matches_one_big_batch():
-  """Pixel loss only (the entropy term depends on the batch composition by design)."""
+  """Pixel + perceptual + REPA terms (per-example means); the entropy term depends on the batch
+  composition by design and the GAN refuses accumulation (batch-norm statistics per batch)."""
   config = tiny_config()
   config.loss.entropy_weight = 0.0
+  config.loss.gan_weight = 0.0
   mesh = sharding.create_mesh((-1, 1, 1))
   batches = _batches(config, 2)
   with jax.default_matmul_precision("highest"):
@@ -123,7 +136,8 @@ def test_gradient_accumulation_matches_one_big_batch():
     config.grad_accum_steps = 4
     losses, got = _run(config, mesh, batches)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+  for a, b in zip(jax.tree.leaves((got.params, got.proj_params)),
+                  jax.tree.leaves((ref.params, ref.proj_params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2 * config.optim.lr)
 
 
@@ -140,7 +154,8 @@ def _short_run_config(**kw):
 
 def test_restore_onto_a_different_mesh(tmp_path):
   config = _short_run_config(mesh_shape=(8, 1, 1))
-  state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
+  state = jax.device_get(checkpoint.without_frozen(train.train_and_evaluate(config,
+                                                                           str(tmp_path))))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [4, 8]
   # 8 devices data-parallel -> 4 devices FSDP
@@ -154,7 +169,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     np.testing.assert_array_equal(a, b)
   # and training continues there
   batch = jax.device_put(_batches(config, 1)[0], trainer.batch_sharding)
-  restored, m = trainer.p_step(restored, {"image": batch})
+  restored, m = trainer.p_step(trainer.with_frozen(restored), {"image": batch})
   assert int(restored.step) == 9 and np.isfinite(float(m["loss/total"]))
 
 

@@ -115,6 +115,22 @@ def soft_quantize(z: Array, codebook: Array, *, tau: float, l2_norm: bool = True
   return QuantizerOutput(z_q=z_q, entropy_loss=ent, stats=stats)
 
 
+def code_probs(z: Array, codebook: Array, *, tau: float, l2_norm: bool = True) -> Array:
+  """Soft assignments of tokens to their codebook's codes: z [B, N, e] -> probs [B, C, N/C, K].
+
+  The same logits and softmax as `soft_quantize`, kept per example so that evaluation can mask
+  padded examples out of usage and perplexity (`soft_quantize`'s statistics pool the batch).
+  """
+  b, n, e = z.shape
+  c = codebook.shape[0]
+  zc = z.astype(jnp.float32).reshape(b, c, n // c, e)
+  emb = codebook.astype(jnp.float32)
+  if l2_norm:
+    zc, emb = l2_normalize(zc), l2_normalize(emb)
+  logits = jnp.einsum("bcse,cke->bcsk", zc, emb, precision=jax.lax.Precision.HIGHEST)
+  return jax.nn.softmax(logits / tau, axis=-1)
+
+
 class SoftVectorQuantizer(nnx.Module):
   """Holds the codebook `embedding` [C, K, e] (official key `quantize.embedding`)."""
 

@@ -152,12 +152,14 @@ class SoftVQTokenizer(nnx.Module):
       raise ValueError(f"expected NHWC images [B, {s}, {s}, 3] in [-1, 1], got shape "
                        f"{tuple(images.shape)}; resize/crop to {s}x{s} (and transpose NCHW->NHWC)")
 
+  def pre_quant(self, images: Array) -> Array:
+    """[B, S, S, 3] -> z [B, N, e] in the compute dtype: the encoder's tokens before the codebook."""
+    self._check_images(images)
+    return self.quant_conv(self.encoder(images, self.cfg.dtype))
+
   def quantize_tokens(self, images: Array, *, with_stats: bool = True):
     """[B, S, S, 3] -> QuantizerOutput with z_q [B, N, e] float32."""
-    self._check_images(images)
-    h = self.encoder(images, self.cfg.dtype)
-    z = self.quant_conv(h)
-    return self.quantize(z, with_stats=with_stats)
+    return self.quantize(self.pre_quant(images), with_stats=with_stats)
 
   def encode(self, images: Array) -> Array:
     """[B, S, S, 3] in [-1, 1] -> tokens z_q [B, N, e] float32."""
