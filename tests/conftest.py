@@ -7,6 +7,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session, inherited by the subprocess tests:
+# the same train step / Inception / LPIPS programs are compiled by many tests (measured: most of
+# a CLI test's time is compilation on a 2-core CPU).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile  # noqa: E402
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="softvq_test_jax_cache_")
 
 import importlib  # noqa: E402
 
@@ -56,4 +62,5 @@ def tiny_config():
   config.disc.img_size = 32
   config.loss.disc_start = 2
   config.loss.perceptual_warmup_steps = 4
+  config.eval.every_steps = 0  # the in-loop evaluation has its own tests
   return config

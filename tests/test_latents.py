@@ -23,6 +23,9 @@ def _config():
   config.latents.batch_size = 8
   config.latents.num_images = 0
   config.latents.chunk_batches = 1
+  config.eval.every_steps = 2         # the in-loop evaluation runs once, at the end
+  config.eval.in_loop_num_images = 4
+  config.pretrained.allow_random_init = True
   return config
 
 
@@ -37,6 +40,15 @@ def trained(tmp_path_factory):
   batch = next(iter(it))
   crops = batch["image"][batch["mask"]]
   return config, workdir, crops
+
+
+def test_in_loop_evaluation_is_logged(trained):
+  _, workdir, _ = trained
+  lines = open(os.path.join(workdir, "eval_metrics.jsonl")).read().splitlines()
+  assert len(lines) == 1
+  m = json.loads(lines[0])
+  assert m["step"] == 2 and m["num_images"] == 4
+  assert np.isfinite(m["rfid_random_inception"]) and 0 < m["ssim"] < 1
 
 
 def test_stats_equal_numpy_and_reach_normalized_encode(trained):

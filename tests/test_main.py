@@ -50,6 +50,7 @@ _TRAIN_FLAGS = [
     "--config.image_every_steps=8", "--config.num_grid_images=2", "--config.data.num_threads=2",
     # the demo's full objective (LPIPS, REPA, GAN + LeCam + CR), the GAN active from step 2
     "--config.loss.disc_start=2", "--config.loss.perceptual_warmup_steps=4",
+    "--config.eval.every_steps=0",
 ]
 
 
@@ -109,6 +110,18 @@ def test_main_trains_and_loads_as_tokenizer(tmp_path):
   ema = _final_state(tmp_path, 8)["ema_params"]
   np.testing.assert_array_equal(np.asarray(tok._state["quantize"]["embedding"][...]),  # pylint: disable=protected-access
                                 ema["quantize"]["embedding"]["value"])
+  # The README's evaluation command on the same workdir (the demo's random Inception / VGG).
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run(_train_cmd(tmp_path, 8)[:4] + _TRAIN_FLAGS + [
+      "--mode=eval", "--config.eval.num_images=6", "--config.data.demo_eval_size=8"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "eval" / "eval_validation_6.json").read_text())
+  assert result["num_images"] == 6 and 0 < result["ssim"] < 1 and np.isfinite(result["psnr"])
+  assert np.isfinite(result["rfid_random_inception"]) and result["lpips_random_vgg"] > 0
+  assert 0 < result["codebook_usage"] <= 1
+  grid = np.asarray(Image.open(tmp_path / "eval" / "eval_validation_6.png"))
+  assert grid.shape == (2 * (32 + 2) + 2, 6 * (32 + 2) + 2, 3)
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
