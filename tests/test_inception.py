@@ -182,7 +182,7 @@ def test_wrong_keys_raise_a_clear_error():
   msg = str(e.value)
   assert "bad.pth" in msg
   assert "missing keys (1): Mixed_5b.branch1x1.conv.weight" in msg
-  assert "unknown keys (1): Mixed_5b.branch1x1.conv.weight_typo" in msg
+  assert "unexpected keys (1): Mixed_5b.branch1x1.conv.weight_typo" in msg
   assert "Mixed_6e.branch_pool.bn.running_var: file (7,) vs model (192,)" in msg
 
 

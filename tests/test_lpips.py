@@ -176,7 +176,7 @@ def test_bad_state_dicts_raise_naming_the_keys(torch_lpips):
   missing = {k: 2 * v for k, v in vgg.items() if k != "features.28.bias"}  # other values changed
   with pytest.raises(CheckpointError, match=r"missing keys \(1\): features\.28\.bias"):
     lw.load_lpips_weights(model, missing, heads)
-  with pytest.raises(CheckpointError, match=r"unknown keys \(1\): features\.30\.weight"):
+  with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): features\.30\.weight"):
     lw.load_lpips_weights(model, {**vgg, "features.30.weight": vgg["features.0.weight"]}, heads)
   with pytest.raises(CheckpointError, match=r"missing keys \(1\): lin4\.model\.1\.weight"):
     lw.load_lpips_weights(model, vgg,

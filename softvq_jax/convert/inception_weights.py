@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from softvq_jax.convert.safetensors_io import CheckpointError, write_safetensors
-from softvq_jax.convert.state_dict import _listing
+from softvq_jax.convert import state_dict as state_dict_lib
 from softvq_jax.convert.timm_vit import read_state_dict
 from softvq_jax.models.inception import FIDInception
 
@@ -71,26 +71,9 @@ def load_inception_state_dict(model: FIDInception, state_dict: Mapping[str, np.n
   for path, var in _variables(model):
     key, kind = _torch_key(path)
     expected[key] = (path, kind, tuple(var.shape))
-  missing = [k for k in expected if k not in state_dict]
-  unknown = [k for k in state_dict if k not in expected and not IGNORED.fullmatch(k)]
-  mismatched, updates = [], []
-  for key, (path, kind, shape) in expected.items():
-    if key not in state_dict:
-      continue
-    arr = np.asarray(state_dict[key])
-    ours = _to_ours(arr, kind)
-    if ours.shape != shape:
-      mismatched.append(f"{key}: file {tuple(arr.shape)} vs model "
-                        f"{tuple(_to_torch(np.zeros(shape, np.int8), kind).shape)}")
-      continue
-    updates.append((path, ours.astype(np.float32)))
-  problems = []
-  if missing:
-    problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-  if unknown:
-    problems.append(f"unknown keys ({len(unknown)}): {_listing(unknown)}")
-  if mismatched:
-    problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+  updates, problems = state_dict_lib.match_state_dict(
+      expected, state_dict, convert=_to_ours, unconvert=_to_torch,
+      ignore=lambda k: bool(IGNORED.fullmatch(k)))
   if problems:
     raise CheckpointError(
         f"{source} is not pytorch-fid's FID Inception-v3 state dict "

@@ -26,20 +26,14 @@ import numpy as np
 from flax import nnx
 
 from softvq_jax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from softvq_jax.convert import state_dict as state_dict_lib
 from softvq_jax.models.lpips import LPIPS, VGG16_STAGES
 
 # torchvision `features` index of each 3x3 convolution (ReLUs and max-pools sit between them).
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG_IGNORED = re.compile(r"classifier\..*")  # the ImageNet classifier of a full vgg16 file
 FORMAT = "softvq_jax lpips vgg v0.1"
-_MAX_LISTED = 12
 assert len(VGG_CONV_INDICES) == sum(len(s) for s in VGG16_STAGES)
-
-
-def _listing(keys) -> str:
-  keys = sorted(keys)
-  more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-  return ", ".join(keys[:_MAX_LISTED]) + more
 
 
 def _vgg_table(model: LPIPS) -> dict[str, tuple[nnx.Param, str]]:
@@ -74,26 +68,10 @@ def _to_torch(arr: np.ndarray, kind: str) -> np.ndarray:
 
 def _match(table, state_dict: Mapping[str, np.ndarray], source: str, ignore=None) -> list:
   """Checks one state dict against its table; returns [(param, float32 array)] or raises."""
-  missing = [k for k in table if k not in state_dict]
-  unknown = [k for k in state_dict if k not in table and not (ignore and ignore.fullmatch(k))]
-  updates, mismatched = [], []
-  for key, (param, kind) in table.items():
-    if key not in state_dict:
-      continue
-    raw = np.asarray(state_dict[key])
-    arr = _to_ours(raw, kind)
-    if arr.shape != tuple(param.shape):
-      want = _to_torch(np.zeros(param.shape, np.int8), kind).shape
-      mismatched.append(f"{key}: file {tuple(raw.shape)} vs model {tuple(want)}")
-      continue
-    updates.append((param, arr.astype(np.float32)))
-  problems = []
-  if missing:
-    problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-  if unknown:
-    problems.append(f"unknown keys ({len(unknown)}): {_listing(unknown)}")
-  if mismatched:
-    problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+  expected = {k: (param, kind, tuple(param.shape)) for k, (param, kind) in table.items()}
+  updates, problems = state_dict_lib.match_state_dict(
+      expected, state_dict, convert=_to_ours, unconvert=_to_torch,
+      ignore=lambda k: bool(ignore and ignore.fullmatch(k)))
   if problems:
     raise CheckpointError(f"{source} is not what LPIPS-VGG expects: " + "; ".join(problems))
   return updates

@@ -12,7 +12,7 @@ kernel [kh, kw, in, out]; LayerNorm weight <-> scale.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flax import nnx
@@ -70,6 +70,45 @@ def _listing(keys: Iterable[str]) -> str:
   return ", ".join(keys[:_MAX_LISTED]) + more
 
 
+def match_state_dict(expected: Mapping[str, tuple[Any, str, tuple]],
+                     state_dict: Mapping[str, np.ndarray], *,
+                     convert: Callable[[np.ndarray, str], np.ndarray] = to_ours,
+                     unconvert: Callable[[np.ndarray, str], np.ndarray] = to_torch,
+                     ignore: Callable[[str], bool] = lambda key: False,
+                     adapt: Callable[[str, np.ndarray, tuple], np.ndarray] | None = None
+                     ) -> tuple[list[tuple[Any, np.ndarray]], list[str]]:
+  """The strict part every weight importer shares: every expected key present, no unknown key,
+  every shape right. expected: {torch key: (target, kind, our shape)}; convert(arr, kind) turns
+  a PyTorch-layout array into ours (unconvert the inverse, for the error message).
+
+  Returns (updates [(target, float32 array in our layout)], problems [human-readable strings]);
+  nothing is written, so a caller can refuse a bad file without touching the model.
+  """
+  missing = [k for k in expected if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in expected and not ignore(k)]
+  updates, mismatched = [], []
+  for key, (target, kind, shape) in expected.items():
+    if key not in state_dict:
+      continue
+    raw = np.asarray(state_dict[key])
+    arr = convert(raw, kind)
+    if adapt is not None and arr.shape != tuple(shape):
+      arr = adapt(key, arr, tuple(shape))
+    if arr.shape != tuple(shape):
+      mismatched.append(f"{key}: file {tuple(raw.shape)} vs model "
+                        f"{tuple(unconvert(np.zeros(shape, np.int8), kind).shape)}")
+      continue
+    updates.append((target, arr.astype(np.float32)))
+  problems = []
+  if missing:
+    problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+  if unexpected:
+    problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+  if mismatched:
+    problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+  return updates, problems
+
+
 def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
                     source: str, prefix: str = "", ignore: Iterable[str] = (),
                     adapt: Callable[[str, np.ndarray, tuple], np.ndarray] | None = None) -> None:
@@ -81,30 +120,10 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
     dropped (e.g. heads or unused modules). adapt(key, our_layout_array, target_shape): a hook to
     resample arrays whose shape legitimately differs (pos_embed grid, patch size).
   """
-  expected = expected_keys(module, prefix)
   ignore_re = [re.compile(p) for p in ignore]
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict
-                if k not in expected and not any(r.fullmatch(k) for r in ignore_re)]
-  updates, mismatched = [], []
-  for key, (path, kind, shape) in expected.items():
-    if key not in state_dict:
-      continue
-    arr = to_ours(np.asarray(state_dict[key]), kind)
-    if adapt is not None and arr.shape != shape:
-      arr = adapt(key, arr, shape)
-    if arr.shape != shape:
-      mismatched.append(f"{key}: file {tuple(np.asarray(state_dict[key]).shape)} vs model "
-                        f"{tuple(to_torch(np.zeros(shape, np.int8), kind).shape)}")
-      continue
-    updates.append((path, arr.astype(np.float32)))
-  problems = []
-  if missing:
-    problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-  if mismatched:
-    problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+  updates, problems = match_state_dict(
+      expected_keys(module, prefix), state_dict, adapt=adapt,
+      ignore=lambda k: any(r.fullmatch(k) for r in ignore_re))
   if problems:
     raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems) +
                           ". Check that the checkpoint and the model config describe the same "
