@@ -262,8 +262,24 @@ def _attention_backend(cfg, platform: str) -> str:
   return "cudnn" if platform == "gpu" and cfg.compute_dtype in ("bfloat16", "float16") else "xla"
 
 
+def _dtype_bytes(compute_dtype: str) -> int:
+  return {"float32": 4, "bfloat16": 2, "float16": 2}[compute_dtype]
+
+
+def _vit_cost(width: int, depth: int, heads: int, tokens: int, s: int, attn: str, *,
+              remat: bool = False) -> tuple[float, float, float]:
+  """(activation bytes saved for the backward, forward FLOPs, one block's activation bytes) of
+  `depth` pre-norm blocks on `tokens` tokens, per image (see `analytic_per_image`)."""
+  d, t, h = width, tokens, heads
+  att_bytes = s * t * d + 4 * h * t if attn == "cudnn" else (4 + s) * h * t * t
+  block = 18 * s * t * d + att_bytes
+  act = (depth * s * t * d + block) if remat else depth * block
+  flops = depth * (24 * t * d * d + 4 * t * t * d)
+  return float(act), float(flops), float(block)
+
+
 def analytic_per_image(cfg, platform: str) -> dict[str, float]:
-  """Activation bytes saved for the backward pass and training FLOPs, per image.
+  """The tokenizer's activation bytes saved for the backward pass and training FLOPs, per image.
 
   Per transformer block of T tokens, width D, H heads, MLP 4D, compute dtype of s bytes, without
   rematerialisation, the backward pass needs (Korthikanti et al. 2022's count for this block):
@@ -281,8 +297,10 @@ def analytic_per_image(cfg, platform: str) -> dict[str, float]:
   FLOPs (multiply-add = 2): per block 24*T*D^2 (qkv 6, proj 2, MLP 16) + 4*T^2*D (QK^T, PV);
   plus the patch embedding, pixel head, token projections and the two [N, K, e] quantizer
   matmuls; training = 3x the forward (the backward costs twice the forward).
+
+  The objective's other networks (LPIPS, discriminator, REPA teacher) are `objective_per_image`.
   """
-  s = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.compute_dtype]
+  s = _dtype_bytes(cfg.compute_dtype)
   p, n = cfg.patch_size, cfg.num_latent_tokens
   patches = cfg.grid ** 2
   attn = _attention_backend(cfg, platform)
@@ -290,14 +308,8 @@ def analytic_per_image(cfg, platform: str) -> dict[str, float]:
   def vit(size, prefix):
     d, depth, h = _vit_dims(size)
     t = prefix + patches + n
-    if attn == "cudnn":
-      att_bytes = s * t * d + 4 * h * t
-    else:
-      att_bytes = (4 + s) * h * t * t
-    block = 18 * s * t * d + att_bytes
-    act = (depth * s * t * d + block) if cfg.remat else depth * block
+    act, flops, block = _vit_cost(d, depth, h, t, s, attn, remat=cfg.remat)
     act += 2 * s * t * d  # final norm in/out
-    flops = depth * (24 * t * d * d + 4 * t * t * d)
     return act, flops, d, block
 
   enc_act, enc_flops, de, enc_block = vit(cfg.encoder_size, 1)
@@ -312,7 +324,115 @@ def analytic_per_image(cfg, platform: str) -> dict[str, float]:
   fwd = (enc_flops + dec_flops + 2 * patches * (3 * p * p) * (de + dd)
          + 2 * n * e * (de + dd) + 2 * 2 * n * k * e)
   return {"activation_bytes": float(enc_act + dec_act + working + quant_act + pixel_act),
-          "train_flops": float(3 * fwd), "attention": attn}
+          "working_bytes": float(working), "train_flops": float(3 * fwd), "attention": attn}
+
+
+def _vgg16_cost(size: int) -> tuple[float, float, float]:
+  """(sum of the 13 conv outputs' elements, sum of the 5 read-outs' elements, forward FLOPs) of
+  LPIPS-VGG16 on one size x size image (3x3 convs, padding 1, 2x2 pools before stages 2-5).
+
+  FLOPs count the taps that fall inside the image, (3h - 2)^2 of the 9h^2 per output plane, as
+  XLA's cost analysis does (the zero padding is not work)."""
+  from softvq_jax.models.lpips import VGG16_STAGES  # pylint: disable=import-outside-toplevel
+  h, cin = size, 3
+  conv_elems = readout_elems = flops = 0
+  for k, stage in enumerate(VGG16_STAGES):
+    if k:
+      h //= 2
+    for cout in stage:
+      conv_elems += h * h * cout
+      flops += 2 * (3 * h - 2) ** 2 * cin * cout
+      cin = cout
+    readout_elems += h * h * cin
+  return float(conv_elems), float(readout_elems), float(flops)
+
+
+def objective_per_image(config, platform: str) -> dict[str, dict[str, float]]:
+  """Activation bytes and training FLOPs per image of the objective's other networks, by part.
+
+  Only terms whose weight is > 0 appear (`objective.build_objective` builds nothing else).
+  s = compute-dtype bytes; einsum/cuDNN attention as for the tokenizer (`analytic_per_image`,
+  whose block formula `_vit_cost` is reused for the ViTs here). Their frozen weights are state
+  (exact, `state_bytes["frozen"]`), not counted here.
+
+  lpips (x and x_hat through VGG16 at the image size S; gradient to x_hat only):
+    bytes  = 2*s*E + 8*R, E = sum of the 13 conv outputs' elements (a ReLU mask and the pooled
+             input per layer), R = sum of the 5 read-outs (x_hat's float32 feature and the float32
+             difference of the unit-normalised features, both needed by the backward). x's VGG
+             pass is forward-only: only its read-outs live until the difference is taken.
+    flops  = 3 * F_vgg (x forward, x_hat forward, x_hat input-gradient: no weight gradients),
+             F_vgg = sum over the convs of 2*(3h-2)^2*C_in*C_out (taps inside the h x h image).
+  disc (DINO ViT-S/16 at disc.img_size, T = 1 + P tokens, the blocks up to the last read-out;
+        5 heads Block(k=1) -> Block(k=9) -> conv(D->1) on [P, D]):
+    generator step, 1 call, gradient to the image through the frozen backbone:
+      bytes_g = backbone blocks (`_vit_cost`) + n_heads * c_h * P*D + 4 float32 image copies
+                (DiffAugment and the resize to the backbone's size);
+      flops_g = 2 * (F_backbone + F_heads)   (forward + input gradient);
+    discriminator step, n = 2 calls (real, detached x_hat) + 2 with consistency regularisation,
+    backbone forward only (its input carries no gradient), gradient to the heads:
+      bytes_d = n * n_heads * c_h * P*D;
+      flops_d = n * (F_backbone + 3 * F_heads);
+    c_h = 6*s + 8: per head, the conv inputs/outputs and LeakyReLU masks in the compute dtype and
+    the two BatchNorms' float32 normalised activations. F_heads = n_heads * 2*P*(D^2 + k*D^2 + D).
+  repa (DINOv2 teacher at the image size, patch repa.patch_size, forward only: its activations
+        die block by block; the REPA projector e -> h -> h -> D_t on the N latent tokens):
+    bytes  = 4*P_t*D_t (the teacher's float32 tokens, kept for the loss) + the projector's
+             s*N*(2h + D_t) + float32 4*N*D_t;
+    flops  = F_teacher + 3 * F_projector.
+  With `loss.adaptive_weight` two more forwards of the generator objective and the backward
+  through LPIPS / the discriminator to x_hat are added (FLOPs only: they run one after another).
+
+  The generator step's parts are live together at its peak; the discriminator step runs after
+  it (on the reconstruction and the new state), so the estimate takes the larger of the two.
+  `working` is one block of the largest ViT that runs forward only there (a transient).
+  """
+  lc = config.loss
+  s = _dtype_bytes(config.model.compute_dtype)
+  attn = _attention_backend(config.model, platform)
+  size = config.image_size
+  gen, disc_step, flops, working = {}, {}, {}, 0.0
+  if lc.perceptual_weight > 0:
+    e, r, f = _vgg16_cost(size)
+    gen["lpips"] = 2 * s * e + 8 * r
+    flops["lpips"] = 3 * f
+  if lc.gan_weight > 0:
+    d = config.disc
+    width, depth, heads = _vit_dims(d.backbone_size)
+    used = max(int(i) for i in d.readout_blocks) + 1
+    patches = (d.img_size // d.patch_size) ** 2
+    t = 1 + patches
+    bb_act, bb_flops, bb_block = _vit_cost(width, used, heads, t, s, attn)
+    bb_flops += 2 * patches * 3 * d.patch_size ** 2 * width
+    n_heads = 1 + len(d.readout_blocks)
+    head_act = n_heads * (6 * s + 8) * patches * width
+    head_flops = n_heads * 2 * patches * (width ** 2 * (1 + d.head_kernel_size) + width)
+    calls = 2 + (2 if lc.cr_weight > 0 else 0)
+    gen["disc"] = bb_act + head_act + 4 * 4 * 3 * (size ** 2 + d.img_size ** 2)
+    disc_step["disc"] = calls * head_act
+    flops["disc_generator_step"] = 2 * (bb_flops + head_flops)
+    flops["disc_discriminator_step"] = calls * (bb_flops + 3 * head_flops)
+    working = max(working, bb_block)
+  if lc.repa_weight > 0:
+    r = config.repa
+    tw, tdepth, th = _vit_dims(r.teacher_size)
+    tdepth = int(r.teacher_depth) or tdepth
+    tp = (size // r.patch_size) ** 2
+    _, t_flops, t_block = _vit_cost(tw, tdepth, th, 1 + tp, s, attn)
+    t_flops += 2 * tp * 3 * r.patch_size ** 2 * tw
+    n, e, h = config.model.num_latent_tokens, config.model.codebook_embed_dim, r.hidden_dim
+    gen["repa"] = 4 * tp * tw + s * n * (2 * h + tw) + 4 * n * tw
+    flops["repa"] = t_flops + 3 * 2 * n * (e * h + h * h + h * tw)
+    working = max(working, t_block)
+  if lc.adaptive_weight and lc.gan_weight > 0:
+    # pylint: disable-next=import-outside-toplevel
+    from softvq_jax.models.tokenizer import TokenizerConfig
+    tok_fwd = analytic_per_image(TokenizerConfig.from_config(config), platform)["train_flops"] / 3
+    extra = 2 * tok_fwd + flops["disc_generator_step"]
+    if "lpips" in flops:  # (REPA is not part of either gradient: XLA drops it there)
+      extra += flops["lpips"]
+    flops["adaptive_weight"] = extra
+  return {"generator_step_bytes": gen, "discriminator_step_bytes": disc_step,
+          "train_flops": flops, "working_bytes": working}
 
 
 def _state_bytes(abstract_state, state_sharding) -> dict[str, int]:
@@ -334,11 +454,18 @@ def _leaves(tree):
 
 
 def analytic_estimate(config, target: Target, trainer) -> dict[str, Any]:
-  """Per-device memory and per-step FLOPs without compiling (see `analytic_per_image`).
+  """Per-device memory and per-step FLOPs without compiling (see `analytic_per_image` and
+  `objective_per_image`).
 
-  total = state (exact, from the sharding plan) + batch + gradients (f32, sharded like the
-  parameters) + per-device batch x activations per image. Checked against compiled numbers in
-  tests/test_compile.py and docs/memory_planning.md.
+  total = state (exact, from the sharding plan: parameters, EMA, both optimizers' moments, the
+  discriminator's statistics and the frozen networks) + batch + gradients (float32, sharded like
+  the parameters: tokenizer + REPA projector + discriminator heads) + with
+  `frozen_sharding="fsdp"` the all-gathered frozen weights + per-device micro-batch x
+  activations per image, where activations per image = max(generator step, discriminator step):
+    generator step     = tokenizer + LPIPS + discriminator (1 call, backward to the image) +
+                         REPA (+ a forward-only block larger than the tokenizer's, if any);
+    discriminator step = 2 (+2 with consistency regularisation) calls' head activations.
+  Checked against compiled numbers in tests/test_compile.py and docs/memory_planning.md.
   """
   from softvq_jax.models.tokenizer import TokenizerConfig  # pylint: disable=import-outside-toplevel
   cfg = TokenizerConfig.from_config(config)
@@ -346,20 +473,38 @@ def analytic_estimate(config, target: Target, trainer) -> dict[str, Any]:
   per_dev_batch = per_device_batch(config, trainer.mesh)
   micro = max(per_dev_batch // max(int(config.grad_accum_steps), 1), 1)
   img = analytic_per_image(cfg, target.platform)
+  obj = objective_per_image(config, target.platform)
   batch_bytes = _batch_bytes(config, per_dev_batch)
-  grads = state.get("params", 0)
-  activations = micro * img["activation_bytes"]
-  total = state["total"] + batch_bytes + grads + activations
+  grads = sum(state.get(k, 0) for k in ("params", "proj_params", "disc_params"))
+  by_part = {"tokenizer": img["activation_bytes"], **obj["generator_step_bytes"]}
+  generator = sum(by_part.values()) + max(obj["working_bytes"] - img["working_bytes"], 0.0)
+  discriminator = sum(obj["discriminator_step_bytes"].values())
+  if discriminator:
+    by_part["disc_discriminator_step"] = discriminator
+  per_image = max(generator, discriminator)
+  activations = micro * per_image
+  # FSDP-split frozen networks are all-gathered for use; XLA may hold every gathered copy at
+  # once (measured on XLA:CPU), so count the full weights less the shard already in the state.
+  gathered = 0
+  if state.get("frozen") and config.frozen_sharding == "fsdp":
+    gathered = sum(int(math.prod(x.shape)) * x.dtype.itemsize
+                   for x in _leaves(trainer.abstract_state.frozen)) - state["frozen"]
+  total = state["total"] + batch_bytes + grads + activations + gathered
+  flops_by_part = {"tokenizer": img["train_flops"], **obj["train_flops"]}
+  flops = sum(flops_by_part.values())
   return {
       "state_bytes": state,
       "batch_bytes": batch_bytes,
       "gradient_bytes": grads,
+      "gathered_frozen_bytes": gathered,
       "activation_bytes": activations,
-      "activation_bytes_per_image": img["activation_bytes"],
+      "activation_bytes_per_image": per_image,
+      "activation_bytes_by_part": by_part,
       "attention": img["attention"],
       "total_bytes": total,
-      "train_flops_per_image": img["train_flops"],
-      "train_flops_per_step": img["train_flops"] * int(config.batch_size),
+      "train_flops_per_image": flops,
+      "train_flops_by_part": flops_by_part,
+      "train_flops_per_step": flops * int(config.batch_size),
   }
 
 
@@ -549,6 +694,11 @@ def _gib(b) -> str:
   return "-" if b is None else f"{b / _UNIT[0]:8.3f}"
 
 
+def _temporaries(a: dict) -> float:
+  """The analytic counterpart of the compiled temporaries."""
+  return a["gradient_bytes"] + a.get("gathered_frozen_bytes", 0) + a["activation_bytes"]
+
+
 def format_report(r: dict) -> str:
   """The printed table: per-device memory by part, vs the device's memory; FLOPs per step."""
   t, m = r["target"], r["model"]
@@ -572,11 +722,16 @@ def format_report(r: dict) -> str:
                  f"{_gib(sb['total'] + a['batch_bytes'])}")
     lines.append(f"  {'outputs not aliased':32s} {_gib(c['output_bytes'] - c['alias_bytes'])}")
     lines.append(f"  {'temporaries (grads + activations)':32s} {_gib(c['temp_bytes'])} "
-                 f"{_gib(a['gradient_bytes'] + a['activation_bytes'])}")
+                 f"{_gib(_temporaries(a))}")
     lines.append(f"  {'program':32s} {_gib(c['generated_code_bytes'])}")
   else:
     lines.append(f"  {'gradients':32s} {'':>8s} {_gib(a['gradient_bytes'])}")
+    if a.get("gathered_frozen_bytes"):
+      lines.append(f"  {'frozen weights all-gathered':32s} {'':>8s} "
+                   f"{_gib(a['gathered_frozen_bytes'])}")
     lines.append(f"  {'activations':32s} {'':>8s} {_gib(a['activation_bytes'])}")
+    for k, v in a.get("activation_bytes_by_part", {}).items():
+      lines.append(f"    {'per image: ' + k:30s} {'':>8s} {_gib(v)}")
   lines.append(f"  {'TOTAL':32s} {_gib(c['total_bytes'] if c else None)} {_gib(a['total_bytes'])}")
   usable = t["usable_bytes"]
   lines.append(f"  {'device memory usable':32s} {'':>8s} {_gib(usable)}  (HBM "
@@ -640,14 +795,15 @@ def max_batch_per_device(report: dict) -> int:
   """Largest per-device batch whose analytic total fits the target (state and gradients are
   batch-independent, activations linear in the batch)."""
   a, t = report["analytic"], report["target"]
-  fixed = a["state_bytes"]["total"] + a["gradient_bytes"]
+  fixed = a["state_bytes"]["total"] + a["gradient_bytes"] + a.get("gathered_frozen_bytes", 0)
   per_image = (a["activation_bytes_per_image"]
                + a["batch_bytes"] / max(report["per_device_batch"], 1))
   return max(int((t["usable_bytes"] - fixed) // per_image), 0)
 
 
 def _table_main(argv: list[str]) -> None:
-  """python -m softvq_jax.compile_plan [--targets=...] [--remat]: the markdown table (analytic).
+  """python -m softvq_jax.compile_plan [--targets=...] [--remat] [--pixel_only]: the markdown
+  table (analytic) of the largest per-device batch; the config's full objective by default.
 
   All targets must have the same number of devices (the state plan is built once per model).
   """
@@ -657,6 +813,8 @@ def _table_main(argv: list[str]) -> None:
   parser.add_argument("--sizes", default="B,BL,L")
   parser.add_argument("--image_sizes", default="256,512")
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--pixel_only", action="store_true",
+                      help="pixel + entropy loss only (perceptual, GAN and REPA weights 0)")
   args = parser.parse_args(argv)
   from softvq_jax import config_lib, train  # pylint: disable=import-outside-toplevel
   targets = [parse_target(t) for t in args.targets.split(",")]
@@ -671,6 +829,8 @@ def _table_main(argv: list[str]) -> None:
       for tokens in (32, 64):
         config = config_lib.base_config(size, num_latent_tokens=tokens, image_size=px)
         config.model.remat = args.remat
+        if args.pixel_only:
+          config.loss.perceptual_weight = config.loss.gan_weight = config.loss.repa_weight = 0.0
         config.batch_size = n  # 1 per device; the state does not depend on it
         mesh = make_mesh(config, targets[0], "analytic")
         with _trace_for("tpu"):
