@@ -6,7 +6,18 @@
   python benchmarks/train_step.py --config=configs/sq64_256.py:L \
       --config.model.compute_dtype=bfloat16 --config.batch_size=32   # GPU: MFU vs bf16 peak
 
-(BENCHMARKS.md, "Train step", has the numbers and the exact commands behind them.)
+  python benchmarks/train_step.py --config=configs/sq64_256.py:B --objective=full \
+      --config.model.compute_dtype=float32 --config.batch_size=2 --repeats=3
+  python benchmarks/train_step.py --config=configs/demo.py --objective=full --repeats=5 \
+      --steps_per_window=3
+
+(BENCHMARKS.md, "Train step" and "Train step, full objective", have the numbers and the exact
+commands behind them.)
+
+`--objective=pixel` (the default) times the pixel objective below against PyTorch: the config's
+perceptual / REPA / GAN weights are set to 0 whatever it says (the torch side implements
+reconstruction + entropy only). `--objective=full` times OUR step only, with the whole objective
+of spec 5 and then with each network term switched off in turn (see `run_objective`).
 
 Prints ONE JSON line with images/s, step time, achieved GFLOP/s and MFU of
   jax:   `train.build_trainer(config, mesh).p_step` on a 1-device mesh — exactly the program
@@ -94,6 +105,18 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op thread
 _OMP_WAIT = flags.DEFINE_enum("torch_omp_wait_policy", "default", ["default", "passive", "active"],
                               "OMP_WAIT_POLICY for torch's OpenMP threads (default: leave the "
                               "environment as it is); set before torch is imported")
+_OBJECTIVE = flags.DEFINE_enum("objective", "pixel", ["pixel", "full"], "pixel: reconstruction + "
+                                "entropy, ours vs PyTorch; full: the whole objective (LPIPS, REPA, "
+                                "GAN with LeCam and CR), ours, with each network term switched off "
+                                "in turn (--variants)")
+_VARIANTS = flags.DEFINE_list("variants", ",".join(("full", "no_gan", "no_repa", "no_perceptual",
+                                                    "pixel")),
+                              "--objective=full: the objectives to time, of full, no_gan, "
+                              "no_repa, no_perceptual, pixel")
+_INTERLEAVE = flags.DEFINE_bool("interleave", False, "--objective=full: keep every variant's "
+                                "state alive and interleave their timing windows (fairer on a "
+                                "noisy machine; memory = all variants at once), else time the "
+                                "variants one after the other")
 _PAUSE_S = 0.1  # before each window: lets the other framework's spinning worker threads go idle
 _FROZEN_TORCH = ("decoder.model.patch_embed.",)  # official-only module, unused by the forward
 
@@ -115,6 +138,10 @@ class TorchTrainStep:
     self.lr_of = lr_of
     self.completed = 0
     o, loss = config.optim, config.loss
+    on = [w for w in NETWORK_WEIGHTS.values() if loss[w] > 0]
+    if on:
+      raise ValueError(f"the torch step implements reconstruction + entropy only, but config.loss "
+                       f"has {on} > 0: pass variant_config(config, 'pixel')")
     if loss.reconstruction not in ("l2", "l1"):
       raise ValueError(f"unknown reconstruction loss {loss.reconstruction!r}")
     self.rec_kind, self.rec_w, self.ent_w = (loss.reconstruction, float(loss.reconstruction_weight),
@@ -169,6 +196,25 @@ class TorchTrainStep:
       torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)  # pylint: disable=protected-access
     self.completed += 1
     return loss.detach(), grad_norm.detach()
+
+
+NETWORK_WEIGHTS = {"gan": "gan_weight", "repa": "repa_weight", "perceptual": "perceptual_weight"}
+VARIANTS = ("full", "no_gan", "no_repa", "no_perceptual", "pixel")
+
+
+def variant_config(config, variant: str):
+  """A copy of `config` with the objective `variant`: "full" (as configured), "no_<term>" (that
+  network term's weight set to 0), "pixel" (all three network terms off: reconstruction + entropy,
+  what the PyTorch step implements)."""
+  import copy  # pylint: disable=import-outside-toplevel
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown objective variant {variant!r}; use one of {VARIANTS}")
+  config = copy.deepcopy(config)
+  off = (tuple(NETWORK_WEIGHTS) if variant == "pixel" else
+         (variant[3:],) if variant.startswith("no_") else ())
+  for term in off:
+    config.loss[NETWORK_WEIGHTS[term]] = 0.0
+  return config
 
 
 def build_pair(config, *, seed: int = 0, torch_device: str = "cpu"):
@@ -291,6 +337,9 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
   """Builds both steps from the same weights, checks their first step agrees, times: JSON dict."""
   if warmup_steps < 1:
     raise ValueError("warmup_steps must be >= 1 (the first step is the parity check)")
+  # The torch step implements reconstruction + entropy only: compare that objective, whatever
+  # network terms the config switches on (configs/demo.py and the base config turn them all on).
+  config = variant_config(config, "pixel")
   # On a GPU both frameworks share the device: JAX must not grab 75% of its memory up front (read
   # when the backend starts, i.e. at the first computation).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -381,8 +430,8 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
   backend_name = (vit._default_backend(cfg.dtype)  # pylint: disable=protected-access
                   if cfg.attention_backend == "auto" else cfg.attention_backend)
   result = {
-      "benchmark": "train_step", "config": config_name, "model": model_name(config),
-      "image_size": s, "num_latent_tokens": cfg.num_latent_tokens, "batch_size": b,
+      "benchmark": "train_step", "objective": "pixel", "config": config_name,
+      "model": model_name(config), "image_size": s, "num_latent_tokens": cfg.num_latent_tokens, "batch_size": b,
       "compute_dtype": cfg.compute_dtype, "attention_backend": backend_name,
       "remat": bool(cfg.remat), "optimizer": config.optim.name,
       "device": {"jax": f"{backend}:{jax.devices()[0].device_kind}", "torch": torch_device,
@@ -418,17 +467,173 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
   return result
 
 
+def run_objective(config, *, variants=VARIANTS, repeats: int = 3, steps_per_window: int = 1,
+                  warmup_steps: int = 2, peak_flops: float = 0.0, seed: int = 0,
+                  interleave: bool = False, config_name: str = "") -> dict:
+  """Our train step with the full objective and with each network term switched off: JSON dict.
+
+  Every variant is `train.build_trainer(variant_config(config, v), mesh).p_step` on a 1-device
+  mesh, from a fresh state (random tokenizer; the frozen LPIPS-VGG, DINO backbone and REPA teacher
+  randomly initialised: `config.pretrained.allow_random_init`, speed does not depend on weights).
+  `loss.disc_start` is set to 0 so that the timed steps are the ones after the discriminator
+  starts (the generator's adversarial term and the discriminator update + LeCam + CR are computed
+  in every step either way, masked before `disc_start`; this only makes the loss values real).
+  The cost of a term = the full step's median time - that of the variant without it.
+  """
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import flax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from softvq_jax import config_lib, sharding, train  # pylint: disable=import-outside-toplevel
+  from softvq_jax.models.tokenizer import TokenizerConfig  # pylint: disable=import-outside-toplevel
+
+  if warmup_steps < 1:
+    raise ValueError("warmup_steps must be >= 1")
+  variants = tuple(variants)
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"unknown --variants entry {v!r}; use some of {VARIANTS}")
+  base = variant_config(config, "full")
+  base.pretrained.allow_random_init = True
+  base.loss.disc_start = 0
+  b, s = int(base.batch_size), int(base.image_size)
+  batch_np = np.random.RandomState(seed).randint(0, 256, (b, s, s, 3)).astype(np.uint8)
+  mesh = sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1])
+  cfg = TokenizerConfig.from_config(base)
+  peak = (float(peak_flops) if peak_flops > 0 else train.peak_flops_per_device(base))
+
+  def build(v: str) -> dict:
+    vc = variant_config(base, v)
+    config_lib.validate(vc)
+    t0 = time.perf_counter()
+    trainer = train.build_trainer(vc, mesh)
+    state = trainer.init_state()
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    abstract_batch = trainer.abstract_batch(vc)
+    t0 = time.perf_counter()
+    p_step = trainer.p_step.lower(trainer.abstract_state, abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = train.train_step_flops(trainer.step_fn, trainer.abstract_state, abstract_batch)
+    batch = {"image": jax.device_put(batch_np, trainer.batch_sharding)}
+    first = None
+    for _ in range(warmup_steps):
+      state, m = p_step(state, batch)
+      jax.block_until_ready((state, m))
+      first = first or {k: float(v_) for k, v_ in m.items()
+                        if k.startswith(("loss/", "disc/")) and np.ndim(v_) == 0}
+    obj = trainer.objective
+    return {"p_step": p_step, "state": state, "batch": batch, "flops": flops,
+            "compile_s": compile_s, "init_s": init_s, "first_metrics": first,
+            "terms": {"perceptual": bool(obj and obj.perceptual), "repa": bool(obj and obj.repa),
+                      "gan": bool(obj and obj.gan)},
+            "weights": {k: float(vc.loss[w]) for k, w in NETWORK_WEIGHTS.items()}}
+
+  def window(run_: dict) -> int:
+    st = run_["state"]
+    for _ in range(steps_per_window):
+      st, m = run_["p_step"](st, run_["batch"])
+    jax.block_until_ready((st, m))
+    run_["state"] = st
+    return steps_per_window
+
+  times: dict[str, list[float]] = {}
+  loads: dict[str, list[float]] = {}
+  built: dict[str, dict] = {}
+  if interleave:
+    for v in variants:
+      built[v] = build(v)
+    loads = {v: [round(os.getloadavg()[0], 2)] for v in variants}
+    times = _timed_windows({v: (lambda r=built[v]: window(r)) for v in variants}, repeats)
+    for v in variants:
+      loads[v].append(round(os.getloadavg()[0], 2))
+  else:
+    for v in variants:
+      built[v] = build(v)
+      loads[v] = [round(os.getloadavg()[0], 2)]
+      times[v] = _timed_windows({v: lambda r=built[v]: window(r)}, repeats)[v]
+      loads[v].append(round(os.getloadavg()[0], 2))
+      built[v].pop("state")  # free this variant's state before the next one is built
+      built[v].pop("p_step")
+
+  out_variants = {}
+  for v in variants:
+    r, t = built[v], times[v]
+    med = statistics.median(t)
+    row = {"images_per_s": round(b / med, 4), "step_time_s": round(med, 5),
+           "images_per_s_best": round(b / min(t), 4),
+           "step_time_s_windows": [round(x, 5) for x in t],
+           "compile_s": round(r["compile_s"], 2), "init_s": round(r["init_s"], 2),
+           "step_gflop": None if r["flops"] is None else round(r["flops"] / 1e9, 3),
+           "terms": r["terms"], "weights": r["weights"], "loadavg_1m": loads[v],
+           "first_step_metrics": r["first_metrics"]}
+    if r["flops"]:
+      row["gflop_per_s"] = round(r["flops"] / med / 1e9, 3)
+      if peak:
+        row["mfu"] = round(r["flops"] / med / peak, 5)
+    out_variants[v] = row
+  result = {
+      "benchmark": "train_step", "objective": "full", "config": config_name,
+      "model": model_name(base), "image_size": s, "num_latent_tokens": cfg.num_latent_tokens,
+      "batch_size": b, "compute_dtype": cfg.compute_dtype, "remat": bool(cfg.remat),
+      "networks": {"lpips": "VGG16 (random)",
+                   "disc": {"backbone_size": base.disc.backbone_size,
+                            "img_size": base.disc.img_size, "patch_size": base.disc.patch_size,
+                            "readout_blocks": list(base.disc.readout_blocks)},
+                   "repa_teacher": {"size": base.repa.teacher_size,
+                                    "patch_size": base.repa.patch_size,
+                                    "depth": int(base.repa.teacher_depth) or None,
+                                    "hidden_dim": base.repa.hidden_dim},
+                   "cr_weight": float(base.loss.cr_weight),
+                   "lecam_weight": float(base.loss.lecam_weight),
+                   "adaptive_weight": bool(base.loss.adaptive_weight),
+                   "disc_start": int(base.loss.disc_start)},
+      "device": {"jax": f"{jax.default_backend()}:{jax.devices()[0].device_kind}",
+                 "cpu": cpu_model(), "cpus": os.cpu_count()},
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "flax": flax.__version__, "optax": optax.__version__},
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "peak_flops_per_device": peak, "interleaved": bool(interleave),
+      "repeats": repeats, "steps_per_window": steps_per_window, "warmup_steps": warmup_steps,
+      "variants": out_variants,
+      "torch": "not implemented for the full objective (ours only)",
+  }
+  if "full" in out_variants:
+    full_t = out_variants["full"]["step_time_s"]
+    cost = {}
+    for v in variants:
+      if v != "full":
+        key = "network_terms" if v == "pixel" else v[3:]
+        cost[key] = {"seconds": round(full_t - out_variants[v]["step_time_s"], 5),
+                     "share_of_full": round(1 - out_variants[v]["step_time_s"] / full_t, 4)}
+    result["cost_of_term"] = cost
+    if "pixel" in out_variants:
+      result["full_over_pixel_step_time"] = round(full_t / out_variants["pixel"]["step_time_s"], 4)
+  return result
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sq64_256.py:B")
+  name = config_flags.get_config_filename(flags.FLAGS["config"])
+  if _OBJECTIVE.value == "full":
+    if _FRAMEWORK.value == "torch":
+      raise app.UsageError("--objective=full times ours only: use --framework=jax (or both)")
+    result = run_objective(_CONFIG.value, variants=_VARIANTS.value, repeats=_REPEATS.value,
+                           steps_per_window=_STEPS.value, warmup_steps=_WARMUP.value,
+                           peak_flops=_PEAK.value, seed=_SEED.value,
+                           interleave=_INTERLEAVE.value, config_name=name)
+    print(json.dumps(result), flush=True)
+    return
   result = run(_CONFIG.value, repeats=_REPEATS.value, steps_per_window=_STEPS.value,
                warmup_steps=_WARMUP.value, framework=_FRAMEWORK.value, peak_flops=_PEAK.value,
                parity_rtol=_RTOL.value, grad_norm_rtol=_GN_RTOL.value, seed=_SEED.value,
                torch_threads=_TORCH_THREADS.value, torch_omp_wait_policy=_OMP_WAIT.value,
-               check_update=_CHECK_UPDATE.value,
-               config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
+               check_update=_CHECK_UPDATE.value, config_name=name)
   print(json.dumps(result), flush=True)
 
 

@@ -84,6 +84,22 @@ def test_fid_of_identical_features_is_zero_and_gaussians_match_closed_form():
   assert abs(metrics.frechet_distance([0.0], [[4.0]], [1.0], [[1.0]]) - (1 + (2 - 1)**2)) < 1e-12
 
 
+def test_fid_equals_pytorch_fid_sqrtm_formula():
+  # pytorch-fid: diff.diff + tr S1 + tr S2 - 2 tr(sqrtm(S1 @ S2)), with scipy's sqrtm
+  from scipy import linalg  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(300, 32)), rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32)) * 0.3
+  mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  covmean = np.real(linalg.sqrtm(s1 @ s2))
+  ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+  assert abs(metrics.frechet_distance(mu1, s1, mu2, s2) - ref) < 1e-6 * abs(ref)
+  # singular covariances (fewer samples than dims, as in small evaluations) stay finite and >= 0
+  c = rng.normal(size=(10, 64))
+  fid = metrics.frechet_distance(c.mean(0), np.cov(c, rowvar=False), c.mean(0) + 0.1,
+                                 np.cov(c[::-1] * 1.1, rowvar=False))
+  assert np.isfinite(fid) and fid > 0
+
+
 def test_feature_stats_mask_and_file_round_trip(tmp_path):
   rng = np.random.default_rng(2)
   f = rng.normal(size=(10, 4))

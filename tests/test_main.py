@@ -112,7 +112,7 @@ def test_main_trains_and_loads_as_tokenizer(tmp_path):
                                 ema["quantize"]["embedding"]["value"])
   # The README's evaluation command on the same workdir (the demo's random Inception / VGG).
   env = dict(os.environ, XLA_FLAGS="")
-  proc = subprocess.run(_train_cmd(tmp_path, 8)[:4] + _TRAIN_FLAGS + [
+  proc = subprocess.run(_train_cmd(tmp_path, 8)[:5] + _TRAIN_FLAGS + [
       "--mode=eval", "--config.eval.num_images=6", "--config.data.demo_eval_size=8"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
