@@ -43,7 +43,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 
 GiB = 2 ** 30
 

@@ -54,7 +54,7 @@ import dataclasses
 import io
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from absl import logging
 import grain

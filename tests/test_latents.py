@@ -3,7 +3,6 @@ equals encode and resumes after a kill."""
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """Mesh construction and logical-axis sharding of the tokenizer on 8 fake CPU devices."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

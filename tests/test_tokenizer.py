@@ -3,7 +3,6 @@ checkpoint format (keys, shapes, errors), parameter counts of every released var
 public encode/decode API."""
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
