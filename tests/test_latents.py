@@ -25,6 +25,8 @@ def _config():
   config.eval.every_steps = 2         # the in-loop evaluation runs once, at the end
   config.eval.in_loop_num_images = 4
   config.pretrained.allow_random_init = True
+  # pixel + entropy training: the latent contract does not depend on the objective
+  config.loss.perceptual_weight = config.loss.repa_weight = config.loss.gan_weight = 0.0
   return config
 
 

@@ -125,7 +125,7 @@ def test_main_trains_and_loads_as_tokenizer(tmp_path):
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
-  steps = 40
+  steps = 16
   ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
   _train(ref_dir, steps)
   env = dict(os.environ, XLA_FLAGS="")
