@@ -34,8 +34,7 @@ STEPS, CKPT_EVERY, LOG_EVERY, NPROC, DEVICES_PER_PROC = 12, 4, 2, 2, 4
 _TINY_KEYS = ("image_size", "model.encoder_size", "model.decoder_size", "model.num_latent_tokens",
               "model.num_codebooks", "model.codebook_size", "model.codebook_embed_dim",
               "batch_size", "optim.warmup_steps", "num_grid_images", "data.demo_train_size",
-              "data.demo_eval_size", "data.num_threads", "disc.img_size", "loss.disc_start",
-              "loss.perceptual_warmup_steps", "eval.every_steps")
+              "data.demo_eval_size", "data.num_threads", "eval.every_steps")
 
 
 def _config_flags():
