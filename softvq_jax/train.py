@@ -147,7 +147,11 @@ class Trainer:
   load_frozen_fn: Callable[[], Any] = lambda: None
 
   def frozen(self):
-    """The frozen networks (LPIPS, DINO backbone, REPA teacher) on the mesh; loaded once."""
+    """The frozen networks (LPIPS, DINO backbone, REPA teacher) on the mesh; loaded once.
+
+    `p_step` donates its whole state, these buffers included (they come back as the new state's
+    `frozen`): attach them to one state, then keep using the states the step returns.
+    """
     if not hasattr(self, "_frozen"):
       self._frozen = self.load_frozen_fn()
     return self._frozen
