@@ -73,7 +73,10 @@ def model_config(size: str = "B", num_latent_tokens: int = 64, image_size: int =
 def data_config():
   """Data section (input pipeline, `softvq_jax/data.py`; docs/data.md)."""
   return ml_collections.ConfigDict(dict(
-      source="demo",        # one of DATA_SOURCES
+      # one of DATA_SOURCES. Real runs read ImageNet: TFDS imagenet2012 as ArrayRecord in the TFDS
+      # data dir (path = data_dir, "" = TFDS's default), or an image folder (source="folder").
+      # Only configs/demo.py uses the embedded photographs ("demo").
+      source="tfds",
       path="",              # image-folder root, or TFDS data_dir
       tfds_name="imagenet2012",
       train_split="train",
@@ -182,6 +185,11 @@ def pretrained_config():
       dino="",
       # REPA teacher: timm DINOv2 weights (e.g. vit_large_patch14_dinov2 model.safetensors).
       repa_teacher="",
+      # Where fetched + converted frozen networks are cached ("" = the user's cache directory,
+      # ~/.cache/softvq_jax or $XDG_CACHE_HOME/softvq_jax; a gs:// path can be shared by a pod).
+      cache_dir="",
+      # Empty fields above are filled from the cache, fetching missing files when online.
+      auto_fetch=True,
       allow_random_init=False,
   ))
 
