@@ -20,15 +20,23 @@ Multi-host: `jax.distributed.initialize()` is called when the environment says t
 several processes (TPU pod slices, SLURM, or JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
 JAX_PROCESS_ID as set by launch/multinode.sh); every process runs this same command. --workdir may be
 a local path or a gs:// URL (checkpoints, logs and images go through etils.epath / tf.io.gfile).
+
+Before anything heavy, a pre-flight (`softvq_jax/preflight.py`) checks the config, the data, the
+frozen networks' files (fetching missing ones once when `config.pretrained.auto_fetch` is set),
+the workdir and the batch size vs the devices, and reports every problem together. Expected user
+errors (a missing config file or flag, a bad config value, missing data, ...) print one message
+and exit with status 2; a traceback means a bug.
 """
 from __future__ import annotations
 
 import json
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from etils import epath
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
@@ -107,9 +115,9 @@ def _distributed_args_from_env() -> dict:
       try:
         args[name] = int(env[var])
       except ValueError:
-        raise app.UsageError(f"{var}={env[var]!r} must be an integer") from None
+        raise UserError(f"{var}={env[var]!r} must be an integer") from None
   if ("num_processes" in args) != ("process_id" in args):
-    raise app.UsageError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let JAX "
+    raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let JAX "
                          "detect SLURM / a TPU slice)")
   if env.get("JAX_LOCAL_DEVICE_IDS"):
     args["local_device_ids"] = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",") if i]
@@ -140,17 +148,96 @@ def _setup_jax() -> None:
                  jax.device_count())
 
 
+class UserError(Exception):
+  """An error in what the user asked for (flags, config, files); printed without a traceback."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+  """Exceptions that name a user's mistake and its fix (the modules raise them with a message)."""
+  from softvq_jax import data_sources, fetch, preflight  # pylint: disable=import-outside-toplevel
+  return (UserError, preflight.PreflightError, data_sources.DataSourceError, fetch.FetchError)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _config_override_error(argv, error: BaseException) -> str | None:
+  """The message for a `--config.a.b=...` naming a field the config does not have, else None."""
+  text = error
+  while isinstance(text, BaseException):  # AttributeError(KeyError("'x'\nDid you mean ...?"))
+    text = text.args[0] if text.args else str(text)
+  text = str(text)
+  missing = text.split("'")[1] if text.count("'") >= 2 else ""
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and missing:
+      path = arg[2:].split("=", 1)[0]
+      if missing in path.split("."):
+        hint = text.split("\n", 1)[1].strip() if "\n" in text else ""
+        return f"{arg}: the config has no field {path}" + (f" ({hint})" if hint else "")
+  return None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing with user errors as one line and exit status 2 (and --help exits 0).
+
+  absl prints the usage and exits 1 for --help, and ml_collections turns a missing config file
+  or an unknown `--config.x` field into a long chained traceback; neither is a bug.
+  """
+  helps = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+  try:
+    args = flags.FLAGS(argv)
+  except SystemExit:
+    if any(a.split("=")[0] in helps for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if "Traceback" in str(e):  # an exception inside a config file's get_config(arg)
+      _fail(f"{lines[0].split(': Error whilst', 1)[0]}: {lines[-1]}")
+    _fail(" ".join(lines))
+  except (KeyError, AttributeError) as e:
+    message = _config_override_error(argv, e)
+    if message is None:
+      raise
+    _fail(message)
+  config_arg = flags.FLAGS["config"].value
+  if flags.FLAGS["config"].present and not isinstance(config_arg, ml_collections.ConfigDict):
+    raw = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+    path = raw.split(":", 1)[0]
+    if path and not os.path.exists(path):
+      _fail(f"--config={raw}: no such file {os.path.abspath(path)} (the configs are in configs/, "
+            "e.g. --config=configs/sq64_512.py)")
+    try:  # ml_collections keeps the load error and raises it on first access
+      getattr(config_arg, "model")
+    except OSError as e:
+      _fail(f"--config={raw}: " + " ".join(str(e).split()))
+  return args
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from softvq_jax import config_lib  # pylint: disable=import-outside-toplevel
+    _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
   config = _CONFIG.value
-  if config is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
-  config_lib.validate(config)
-  epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)  # local path or gs:// URL
+  if config is None:
+    _fail("--config is required, e.g. --config=configs/sq64_512.py (see configs/)")
+  if _WORKDIR.value is None:
+    _fail("--workdir is required: the directory (local or gs://) for logs, checkpoints and "
+          "images, e.g. --workdir=/tmp/softvq_run")
+  if _MODE.value == "compile" and not _TARGET.value:
+    _fail("--mode=compile needs --target (e.g. v5e-64, v4-32, 8xH100)")
+  try:
+    _run(config)
+  except _user_error_types() as e:
+    _fail(str(e))
+
+
+def _run(config) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _setup_jax()
+  from softvq_jax import preflight  # pylint: disable=import-outside-toplevel
+  preflight.run(config, _WORKDIR.value, _MODE.value)
   if _MODE.value == "train":
     from softvq_jax import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(config, _WORKDIR.value)
@@ -164,8 +251,6 @@ def main(argv):
     result = latents.compute_latent_stats(config, _WORKDIR.value, _CHECKPOINT.value)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("channel_")}))
   elif _MODE.value == "compile":  # memory / FLOPs plan of the train step: compile_plan.py
-    if not _TARGET.value:
-      raise app.UsageError("--mode=compile needs --target (e.g. v5e-64, v4-32, 8xH100)")
     from softvq_jax import compile_plan  # pylint: disable=import-outside-toplevel
     compile_plan.run(config, _WORKDIR.value, _TARGET.value)
   elif _MODE.value == "extract":
@@ -174,4 +259,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -2,21 +2,30 @@
 
 Evaluation needs the FID Inception and LPIPS-VGG; the training objective needs LPIPS-VGG, the DINO
 discriminator backbone and the REPA teacher. Each is loaded from the file named in
-`config.pretrained.<name>`; an empty field fails at start-up with the field, the file to get and
-the converter to run — unless `config.pretrained.allow_random_init` is set (demo and tests: no
-weights can be downloaded there), in which case the network is randomly initialised and the
-caller is told (`is_random`) so that it labels what it reports.
+`config.pretrained.<name>`, or, when that field is empty, from the cache that
+`python -m softvq_jax.pretrained fetch` (and `main`'s first run, `config.pretrained.auto_fetch`)
+fills with the verified, converted public weights (`softvq_jax/fetch.py`;
+`config.pretrained.cache_dir`). Neither there: the run fails at start-up with the field, the file
+to get and the command to run — unless `config.pretrained.allow_random_init` is set (demo and
+tests: no weights can be downloaded there), in which case the network is randomly initialised and
+the caller is told (`is_random`) so that it labels what it reports.
 
 Returns NNX modules; callers split them (`nnx.split`) and keep their state out of the optimizer.
+
+Command line: `python -m softvq_jax.pretrained fetch [--cache_dir=DIR|gs://...] [--only=lpips,dino,
+repa_teacher,inception]` (see `fetch.main`).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import logging
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from softvq_jax import fetch
 
 _HOW = {
     "inception": "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (from its GitHub releases), "
@@ -33,7 +42,8 @@ _HOW = {
 
 
 def _path(pretrained_config, name: str) -> str | None:
-  """The configured file, None when empty and random init is allowed; else a clear error."""
+  """The network's file: the configured one, else the fetched one in the cache; None when neither
+  exists and random init is allowed; else an error naming the field and the fix."""
   path = str(pretrained_config[name] or "")
   if path:
     path = os.path.expanduser(path)
@@ -41,11 +51,18 @@ def _path(pretrained_config, name: str) -> str | None:
       raise FileNotFoundError(f"config.pretrained.{name}={path!r} does not exist; it should be "
                               f"{_HOW[name]}")
     return path
+  cache_dir = fetch.cache_dir_of(pretrained_config)
+  path = fetch.cached(name, cache_dir)
+  if path:
+    logging.info("config.pretrained.%s: using the fetched %s", name, path)
+    return path
   if pretrained_config.allow_random_init:
     logging.warning("config.pretrained.%s is empty: using a RANDOMLY INITIALISED network "
                     "(allow_random_init=True); numbers that depend on it are not comparable", name)
     return None
-  raise ValueError(f"config.pretrained.{name} is empty but this run needs it: set "
+  raise ValueError(f"config.pretrained.{name} is empty and the cache has no "
+                   f"{fetch.cache_file(name, cache_dir)}, but this run needs it: fetch it with "
+                   f"`python -m softvq_jax.pretrained fetch --only={name}`, or set "
                    f"--config.pretrained.{name}=PATH to {_HOW[name]}. (For a smoke test without "
                    "weights: --config.pretrained.allow_random_init=True.)")
 
@@ -121,3 +138,8 @@ def load_repa_teacher(pretrained_config, teacher_kwargs: dict, *, seed: int = 0)
   kw = {k: v for k, v in teacher_kwargs.items()}
   return repa.load_repa_teacher(path, kw.pop("size"), kw.pop("img_size"), kw.pop("patch_size"),
                                 **kw), False
+
+
+if __name__ == "__main__":
+  # `python -m softvq_jax.pretrained fetch [--cache_dir=...] [--only=lpips,dino,...]`
+  sys.exit(fetch.main())
