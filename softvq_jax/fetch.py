@@ -229,8 +229,8 @@ def _mib(n: int | None) -> str:
   return "size unknown" if n is None else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
-def describe(name: str, cache_dir: str = "", sources=None) -> str:
-  """One line per source of `name`: URL, size, digest and where a manual copy goes."""
+def describe(name: str, cache_dir: str = "", sources=None) -> list[str]:
+  """One line per source file of `name`: URL, where a manual copy goes, size and digest."""
   table = load_sources(sources)
   dl = downloads_dir(cache_dir)
   lines = []
@@ -238,20 +238,24 @@ def describe(name: str, cache_dir: str = "", sources=None) -> str:
     d = table[key]
     digest = (f"sha256 {d.sha256}" if d.sha256 else
               "sha256 as published by the hub" if d.hub_sha256 else "no published sha256")
-    lines.append(f"{d.url} -> {os.path.join(dl, d.filename)} ({_mib(d.size)}, {digest})")
-  return "; ".join(lines)
+    lines.append(f"{d.url}\n      -> {os.path.join(dl, d.filename)} ({_mib(d.size)}, {digest})")
+  return lines
 
 
 def manual_instructions(names: Iterable[str], cache_dir: str = "", sources=None) -> str:
   """What to do without network access: the files, their sources, and where to put them."""
   names = list(names)
-  lines = [f"  {n} ({NETWORKS[n].title}): {describe(n, cache_dir, sources)}" for n in names]
-  return ("Without network access, download these on another machine and put them at the paths "
-          "shown, then run `python -m softvq_jax.pretrained fetch --only=" + ",".join(names) +
+  lines = []
+  for n in names:
+    lines.append(f"  {n} ({NETWORKS[n].title}):")
+    lines += [f"    {line}" for line in describe(n, cache_dir, sources)]
+  return ("Without network access, download these on another machine, put them at the paths "
+          "shown and run `python -m softvq_jax.pretrained fetch --only=" + ",".join(names) +
           (f" --cache_dir={cache_dir}" if cache_dir else "") + "` here (it verifies and converts "
-          "them offline):\n" + "\n".join(lines) + "\nor copy the converted files of another "
+          "them offline):\n" + "\n".join(lines) + "\nOr copy the converted files of another "
           "machine's cache (" + ", ".join(NETWORKS[n].file for n in names) + ") into " +
-          resolve_cache_dir(cache_dir) + ".")
+          resolve_cache_dir(cache_dir) + ", or set config.pretrained.<name>=PATH to your own "
+          "copies.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,19 +387,20 @@ def download(d: Download, dest_dir: str, *, timeout: float = 30.0, max_attempts:
       raise OfflineError(f"cannot reach {host} ({reason})") from None
     with resp:
       published.update(_published(redirects.headers + [resp.headers]))
-      total = None
-      if offset and resp.status == 206:
+      length = resp.headers.get("Content-Length")
+      total = int(length) if length and length.isdigit() else None
+      if resp.status == 206 and offset:  # resumed
         start, total = _content_range(resp.headers.get("Content-Range"))
-        mode = "ab" if start == offset else None
-      else:
-        mode = None
-      if mode is None:  # a fresh download, or the server ignored / mangled the range: restart
+        if start != offset:  # not the range asked for: start again from byte 0
+          report(f"{d.url}: the server answered bytes from {start}, not {offset}; restarting")
+          os.remove(part)
+          continue
+        mode = "ab"
+      elif resp.status == 200:  # a fresh download, or a server that does not resume
         if offset:
           report(f"{d.url}: the server does not resume; restarting from byte 0")
         offset, mode = 0, "wb"
-        length = resp.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-      if resp.status not in (200, 206):
+      else:
         raise FetchError(f"{d.url}: unexpected HTTP status {resp.status}")
       have, next_report, broken = offset, 0.0, None
       with open(part, mode) as f:

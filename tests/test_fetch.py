@@ -30,6 +30,7 @@ class _State:
     self.redirects = {}      # path -> (target path, extra headers)
     self.drop_once = set()   # paths whose next response stops after half the body
     self.no_range = set()    # paths for which Range is ignored (answered 200 in full)
+    self.bad_range = set()   # paths answered 206 from byte 0 whatever range was asked
     self.requests = []       # (path, Range header)
 
 
@@ -55,7 +56,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       return
     start = 0
     if rng and self.path not in st.no_range:
-      start = int(rng.split("=", 1)[1].split("-", 1)[0])
+      start = 0 if self.path in st.bad_range else int(rng.split("=", 1)[1].split("-", 1)[0])
       if start >= len(data):
         self.send_response(416)
         self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -219,19 +220,24 @@ def test_corrupt_download_is_refused_and_nothing_is_cached(server, tmp_path):
   assert not (cache / fetch.NETWORKS["lpips"].file).exists()
 
 
-@pytest.mark.parametrize("server_resumes", [True, False])
-def test_broken_connection_is_resumed_or_restarted(server, tmp_path, server_resumes):
+@pytest.mark.parametrize("behaviour", ["resumes", "ignores_range", "wrong_range"])
+def test_broken_connection_is_resumed_or_restarted(server, tmp_path, behaviour):
+  """The connection drops half-way: resumed with a Range request (206), restarted when the server
+  answers 200 in full or a 206 from another byte; never a partial file under the final name."""
   data = np.random.default_rng(0).bytes(3 * 2**20 + 17)
   server.state.files["/f.bin"] = data
   server.state.drop_once.add("/f.bin")
-  if not server_resumes:
+  if behaviour == "ignores_range":
     server.state.no_range.add("/f.bin")
+  if behaviour == "wrong_range":
+    server.state.bad_range.add("/f.bin")
   d = fetch.Download(url=server.url + "/f.bin", filename="f.bin", size=len(data),
                      sha256=_sha(data))
   path, digest = fetch.download(d, str(tmp_path))
   assert digest == _sha(data) and open(path, "rb").read() == data
   ranges = [r for p, r in server.state.requests if p == "/f.bin"]
-  assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=")
+  assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+  assert len(ranges) == (3 if behaviour == "wrong_range" else 2), ranges
   assert sorted(os.listdir(tmp_path)) == ["f.bin", "f.bin.sha256"]
 
 
