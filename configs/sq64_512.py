@@ -1,9 +1,12 @@
-"""SoftVQ-{size}-64 at 512 px: 64 tokens of dim 32; size BL (released) or B / L.
+"""SoftVQ-BL-64 at 512 px, exactly as released (softvq-bl-64-512): B encoder / L decoder,
+64 tokens of dim e = 32.
 
-Usage: --config=configs/sq64_512.py:SIZE   (SIZE defaults to BL)
+Usage: --config=configs/sq64_512.py   (the argument, if given, must be BL)
+
+The table behind it (parameters, latent statistics) is softvq_jax/variants.py.
 """
 from softvq_jax import config_lib
 
 
 def get_config(size: str = "BL"):
-  return config_lib.base_config(size or "BL", num_latent_tokens=64, image_size=512)
+  return config_lib.variant_config("sq64_512", size or "BL")

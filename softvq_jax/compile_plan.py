@@ -667,7 +667,8 @@ def _base_report(config, target: Target, mesh, per_dev: int, trainer, analytic) 
       "target": dataclasses.asdict(target) | {"usable_bytes": target.usable_bytes},
       "model": {"encoder": cfg.encoder_size, "decoder": cfg.decoder_size,
                 "image_size": cfg.image_size, "num_latent_tokens": cfg.num_latent_tokens,
-                "compute_dtype": cfg.compute_dtype, "remat": cfg.remat, "params": n_params},
+                "codebook_embed_dim": cfg.codebook_embed_dim, "compute_dtype": cfg.compute_dtype,
+                "remat": cfg.remat, "params": n_params},
       "mesh_shape": {k: int(v) for k, v in mesh.shape.items()},
       "global_batch": int(config.batch_size),
       "per_device_batch": per_dev,
@@ -704,7 +705,8 @@ def format_report(r: dict) -> str:
   c, a = r.get("compiled"), r["analytic"]
   _UNIT[:] = [GiB, "GiB"] if a["total_bytes"] >= GiB / 4 else [2 ** 20, "MiB"]
   lines = [
-      f"SoftVQ {m['encoder']}/{m['decoder']}-{m['num_latent_tokens']} at {m['image_size']} px "
+      f"SoftVQ {m['encoder']}/{m['decoder']}-{m['num_latent_tokens']} (token dim "
+      f"{m['codebook_embed_dim']}) at {m['image_size']} px "
       f"({m['params'] / 1e6:.1f}M params, {m['compute_dtype']}) on {t['name']}: "
       f"{t['num_devices']} x {t['kind']} (mesh {r['mesh_shape']}), method {r['method']}",
       f"global batch {r['global_batch']} = {r['per_device_batch']} per device"
@@ -809,38 +811,40 @@ def _table_main(argv: list[str]) -> None:
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=_table_main.__doc__)
   parser.add_argument("--targets", default="v5e-8,v4-16,v6e-8,v5p-16,8xH100")
-  parser.add_argument("--sizes", default="B,BL,L")
-  parser.add_argument("--image_sizes", default="256,512")
+  parser.add_argument("--variants", default="",
+                      help="comma-separated softvq_jax/variants.py names (default: every released "
+                           "variant)")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--pixel_only", action="store_true",
                       help="pixel + entropy loss only (perceptual, GAN and REPA weights 0)")
   args = parser.parse_args(argv)
-  from softvq_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  from softvq_jax import config_lib, train, variants  # pylint: disable=import-outside-toplevel
   targets = [parse_target(t) for t in args.targets.split(",")]
   n = targets[0].num_devices
   if any(t.num_devices != n for t in targets):
     raise SystemExit("--targets must all have the same number of devices")
-  print("| model | px | tokens | params | " + " | ".join(
+  chosen = ([variants.by_name(v) for v in args.variants.split(",")] if args.variants
+            else [v for v in variants.VARIANTS if v.released])
+  print("| model (config) | enc/dec | px | tokens x e | params | " + " | ".join(
       f"{t.name} ({t.usable_bytes / GiB:.0f} GiB)" for t in targets) + " |")
-  print("|---|---|---|---|" + "---|" * len(targets))
-  for px in [int(p) for p in args.image_sizes.split(",")]:
-    for size in args.sizes.split(","):
-      for tokens in (32, 64):
-        config = config_lib.base_config(size, num_latent_tokens=tokens, image_size=px)
-        config.model.remat = args.remat
-        if args.pixel_only:
-          config.loss.perceptual_weight = config.loss.gan_weight = config.loss.repa_weight = 0.0
-        config.batch_size = n  # 1 per device; the state does not depend on it
-        mesh = make_mesh(config, targets[0], "analytic")
-        with _trace_for("tpu"):
-          trainer = train.build_trainer(config, mesh)
-        cells, params = [], 0
-        for t in targets:
-          r = _base_report(config, t, mesh, 1, trainer, analytic_estimate(config, t, trainer))
-          params = r["model"]["params"]
-          cells.append(str(max_batch_per_device(r)))
-        print(f"| {size} | {px} | {tokens} | {params / 1e6:.0f}M | " + " | ".join(cells) + " |",
-              flush=True)
+  print("|---|---|---|---|---|" + "---|" * len(targets))
+  for v in chosen:
+    config = config_lib.base_config(v)
+    config.model.remat = args.remat
+    if args.pixel_only:
+      config.loss.perceptual_weight = config.loss.gan_weight = config.loss.repa_weight = 0.0
+    config.batch_size = n  # 1 per device; the state does not depend on it
+    mesh = make_mesh(config, targets[0], "analytic")
+    with _trace_for("tpu"):
+      trainer = train.build_trainer(config, mesh)
+    cells, params = [], 0
+    for t in targets:
+      r = _base_report(config, t, mesh, 1, trainer, analytic_estimate(config, t, trainer))
+      params = r["model"]["params"]
+      cells.append(str(max_batch_per_device(r)))
+    print(f"| {v.name} (`{v.config_file}.py:{v.config_arg}`) | {v.architecture} | "
+          f"{v.image_size} | {v.num_latent_tokens} x {v.codebook_embed_dim} | "
+          f"{params / 1e6:.0f}M | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

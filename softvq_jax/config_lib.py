@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import ml_collections
 
-# width, depth, heads of the timm/DINOv2 ViTs the official code builds (spec 1.1). MLP ratio 4.
-VIT_SIZES = {
-    "micro": (64, 2, 2),  # not a released size: fast tests
-    "mini": (128, 4, 4),  # not a released size: the CPU demo
-    "T": (192, 12, 3),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-}
+from softvq_jax import variants
+from softvq_jax.models import vit
 
-# encoder/decoder sizes by the released model's name part (SoftVQ-B / -BL / -L).
-MODEL_SIZES = {"B": ("B", "B"), "BL": ("B", "L"), "L": ("L", "L")}
+# ViT sizes live with the ViT (models/vit.py); re-exported here for config code.
+VIT_SIZES = vit.VIT_SIZES
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -40,20 +33,17 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def model_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 256):
-  """Model section for SoftVQ-{size}-{num_latent_tokens} (spec sections 1-2)."""
-  if size not in MODEL_SIZES:
-    raise ValueError(f"model size {size!r} is not one of {sorted(MODEL_SIZES)}")
-  enc, dec = MODEL_SIZES[size]
+def model_config(variant: variants.Variant):
+  """Model section building exactly `variant` (spec sections 1-2; softvq_jax/variants.py)."""
   return ml_collections.ConfigDict(dict(
-      encoder_size=enc,
-      decoder_size=dec,
+      encoder_size=variant.encoder_size,
+      decoder_size=variant.decoder_size,
       patch_size=16,
-      num_latent_tokens=num_latent_tokens,
-      # Soft codebook (spec 1.3). The published training config: 4 codebooks x 8192 x 32.
-      codebook_size=8192,
-      codebook_embed_dim=32,
-      num_codebooks=4,
+      num_latent_tokens=variant.num_latent_tokens,
+      # Soft codebook (spec 1.3): 4 codebooks x 8192; token dim e = 64 for 32 tokens, 32 for 64.
+      codebook_size=variants.CODEBOOK_SIZE,
+      codebook_embed_dim=variant.codebook_embed_dim,
+      num_codebooks=variants.NUM_CODEBOOKS,
       codebook_l2_norm=True,
       tau=0.07,
       dec_cls_token=True,
@@ -64,9 +54,11 @@ def model_config(size: str = "B", num_latent_tokens: int = 64, image_size: int =
       attention_backend="auto",
       # Rematerialise every transformer block in the backward pass (saves activation memory).
       remat=False,
-      # Scalar latent statistics for generators: z_norm = (z - vq_mean) / vq_std.
-      vq_mean=0.0,
-      vq_std=1.0,
+      # Scalar latent statistics for generators: z_norm = (z - vq_mean) / vq_std. Defaults: the
+      # released model's values where known (so a fresh checkpoint is never silently
+      # unnormalised); `--mode=stats` replaces them with the measured ones.
+      vq_mean=0.0 if variant.vq_mean is None else variant.vq_mean,
+      vq_std=1.0 if variant.vq_std is None else variant.vq_std,
   ))
 
 
@@ -126,6 +118,9 @@ def loss_config():
       # LPIPS-VGG perceptual loss (config.pretrained.lpips): weight * min(1, step / warmup).
       perceptual_weight=1.0,
       perceptual_warmup_steps=10_000,
+      # Dropout before each LPIPS head, active in the loss as in the official training (LPIPS in
+      # train mode); never in evaluation. 0 = off.
+      perceptual_dropout=0.5,
       # REPA (config.pretrained.repa_teacher, config.repa): weight * -cos(teacher, projector(z_q)).
       repa_weight=0.1,
       # GAN (config.pretrained.dino, config.disc): generator term weight from disc_start on, and
@@ -218,12 +213,17 @@ def latents_config():
   ))
 
 
-def base_config(size: str = "B", num_latent_tokens: int = 64, image_size: int = 256):
-  """Everything a run needs, with the published recipe's values where they exist."""
+def variant_config(config_file: str, config_arg: str):
+  """The config of `--config=configs/<config_file>.py:<config_arg>` (one row of variants.py)."""
+  return base_config(variants.find(config_file, config_arg))
+
+
+def base_config(variant: variants.Variant):
+  """Everything a run of `variant` needs, with the published recipe's values where they exist."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.image_size = image_size
-  config.model = model_config(size, num_latent_tokens, image_size)
+  config.image_size = variant.image_size
+  config.model = model_config(variant)
   config.data = data_config()
   config.batch_size = 256  # global batch
   # Split each global batch into this many sequential micro-batches whose gradients are averaged
@@ -323,6 +323,8 @@ def validate(config) -> None:
             "perceptual_warmup_steps", "disc_start"):
     if lc[f] < 0:
       bad(f"loss.{f}", f"must be >= 0, got {lc[f]}")
+  if not 0 <= lc.perceptual_dropout < 1:
+    bad("loss.perceptual_dropout", f"must be in [0, 1), got {lc.perceptual_dropout}")
   for f in ("disc_aug_prob", "cr_aug_prob", "lecam_decay"):
     if not 0 <= lc[f] <= 1:
       bad(f"loss.{f}", f"must be in [0, 1], got {lc[f]}")

@@ -51,8 +51,9 @@ def make_loss_fn(graphdef, loss_config, objective=None) -> Callable:
     disc_state = None
     if objective is not None:
       if objective.perceptual:
-        terms["perceptual"] = objective_lib.perceptual_loss(objective, frozen, images,
-                                                            out.reconstruction)
+        # its own stream, so the discriminator's draws do not depend on the LPIPS dropout
+        terms["perceptual"] = objective_lib.perceptual_loss(
+            objective, frozen, images, out.reconstruction, jax.random.fold_in(key, 1))
       if objective.repa:
         terms["repa"] = objective_lib.repa_term(objective, frozen, proj_params, images, out.tokens)
       if objective.gan:
@@ -152,16 +153,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     else:
       micro = _microbatches(images, grad_accum_steps, batch_sharding)
 
-      def body(carry, x):
-        (loss, (m, h, _, _)), g = grad_fn(gen_params, state.frozen, None, x, step1, k_gen,
-                                          adv_scale)
+      def body(carry, xi):
+        x, i = xi  # each micro-batch draws its own random numbers (LPIPS dropout masks)
+        (loss, (m, h, _, _)), g = grad_fn(gen_params, state.frozen, None, x, step1,
+                                          jax.random.fold_in(k_gen, i), adv_scale)
         return jax.tree.map(jnp.add, carry, (loss, m, h, g)), None
 
       (_, (m0, h0, _, _)), g0 = jax.eval_shape(grad_fn, gen_params, state.frozen, None, micro[0],
                                                step1, k_gen, adv_scale)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            (jax.ShapeDtypeStruct((), jnp.float32), m0, h0, g0))
-      (loss, m, hist, grads), _ = jax.lax.scan(body, zeros, micro)
+      (loss, m, hist, grads), _ = jax.lax.scan(body, zeros,
+                                               (micro, jnp.arange(grad_accum_steps)))
       inv = 1.0 / grad_accum_steps
       loss, m, grads = jax.tree.map(lambda x: x * inv, (loss, m, grads))
       disc_state = None

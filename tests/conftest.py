@@ -4,6 +4,7 @@
 so parity tests can never silently stop running.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,8 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the same train step / Inception / LPIPS programs are compiled by many tests (measured: most of
 # a CLI test's time is compilation on a 2-core CPU).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile  # noqa: E402
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="softvq_test_jax_cache_")
+
+# Fetched pretrained networks are looked up in the user's cache when a config field is empty
+# (softvq_jax/fetch.py): tests must not see whatever this machine's user has fetched.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="softvq_test_cache_home_")
 
 import importlib  # noqa: E402
 

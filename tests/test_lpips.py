@@ -106,6 +106,41 @@ def test_matches_lpips_on_random_pairs_and_gradient(torch_lpips, ours):
   np.testing.assert_allclose(got_grad, ref_grad, atol=5e-5 * scale, rtol=0)  # measured 7.5e-6
 
 
+def test_train_mode_dropout_matches_lpips_with_the_same_masks(torch_lpips, ours):
+  """The official loss runs LPIPS in train mode: Dropout(0.5) before each head (spec 5). Our masks,
+  fed to the lpips package in place of its own dropout (a pre-hook on each head's conv), give the
+  same distance: the dropout acts where lpips' does, on the per-position squared differences."""
+  torch = require("torch")
+  m = torch_lpips[0]
+  rs = np.random.RandomState(1)
+  x = rs.uniform(-1, 1, (2, 48, 48, 3)).astype(np.float32)
+  y = np.clip(x + rs.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
+  key, rate = jax.random.key(3), 0.5
+  keys = jax.random.split(key, 5)
+  sizes = (48, 24, 12, 6, 3)
+  masks = [np.asarray(jax.random.bernoulli(k, 1 - rate, (2, s, s, c)), np.float32)
+           for k, s, c in zip(keys, sizes, (64, 128, 256, 512, 512))]
+  hooks = [m.lins[i].model[1].register_forward_pre_hook(
+      lambda _, inp, mk=torch.from_numpy(mk.transpose(0, 3, 1, 2)): (inp[0] * mk / (1 - rate),))
+           for i, mk in enumerate(masks)]
+  try:
+    ref = _torch_lpips(m, x, y)  # m is in eval mode: its own dropout is off, ours replaces it
+  finally:
+    for h in hooks:
+      h.remove()
+  fn = jax.jit(lambda model, a, b, k: model(a, b, dropout_rate=rate, dropout_key=k))
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(fn(ours, x, y, key))
+    plain = np.asarray(_call(ours, x, y))
+    again = np.asarray(fn(ours, x, y, key))
+    other = np.asarray(fn(ours, x, y, jax.random.key(4)))
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(again, got)  # deterministic per key
+  assert np.all(np.abs(got - plain) > 1e-6) and np.all(np.abs(other - got) > 1e-6)
+  # About half of the elements dropped: the masks are Bernoulli(1 - rate).
+  assert abs(np.mean(np.concatenate([mk.ravel() for mk in masks])) - (1 - rate)) < 0.01
+
+
 def test_sharded_batch_equals_unsharded(ours):
   """jit over an 8-device batch-sharded input, parameters replicated: same values as one device."""
   mesh = sharding.create_mesh((-1, 1, 1))

@@ -29,9 +29,8 @@ IGNORED_KEYS = (
     r"projection\..*",                   # REPA projector (training only)
 )
 
-# The official config.json has no `tau` field (see the reference's example field set): the
-# temperature is the model's constructor default, 0.07. We read `tau` when a file has it, and
-# export it only when it differs (PyTorch's ModelArgs would reject an unknown field otherwise).
+# `tau` is a field of the official config.json (the reference's example field set, 45 fields, and
+# the released files' 37-field Dec-2024 set). A file without it gets the constructor default 0.07.
 DEFAULT_TAU = 0.07
 
 _SIZE_BY_NAME = {"mini": "mini", "tiny": "T", "small": "S", "base": "B", "large": "L"}
@@ -110,8 +109,7 @@ def config_to_official(cfg: TokenizerConfig) -> dict:
       codebook_embed_dim=cfg.codebook_embed_dim, codebook_l2_norm=cfg.codebook_l2_norm,
       num_codebooks=cfg.num_codebooks, dec_cls_token=cfg.dec_cls_token,
       vq_mean=cfg.vq_mean, vq_std=cfg.vq_std)
-  if cfg.tau != DEFAULT_TAU:
-    out["tau"] = cfg.tau
+  out["tau"] = cfg.tau
   return dict(sorted(out.items()))
 
 

@@ -6,8 +6,14 @@ SoftVQ's perceptual loss (reference spec 5) and the LPIPS evaluation metric are 
      and relu5_3 (3x3 convolutions, padding 1, ReLU; 2x2 / stride 2 max-pool in floor mode);
   3. per layer: unit-normalise each spatial feature vector over channels, f / (||f|| + 1e-10), take
      the squared difference of the two images' normalised features, apply the learned 1x1 linear
-     head (no bias; its dropout is off in eval), average over space;
+     head (no bias), average over space;
   4. sum the five layer values: one distance per image.
+
+Dropout: lpips' NetLinLayer puts a Dropout(p=0.5) before each head. The official SoftVQ training
+runs LPIPS in train mode, so in its loss that dropout is active (reference spec 5): each element of
+the per-position squared difference [B, h, w, C] is zeroed with probability p and the survivors
+scaled by 1 / (1 - p) before the head — same expected value, more noise. `dropout_rate` with a
+`dropout_key` reproduces it for the training loss; evaluation metrics call without a key (off).
 
 Precision: convolutions run in `dtype` (bfloat16 for the training loss on accelerators) with the
 float32 parameters cast to it; the scaling layer, normalisation, differences, heads and averages
@@ -144,16 +150,29 @@ class LPIPS(nnx.Module):
       feats.append(h)
     return feats
 
-  def layer_distances(self, x: Array, y: Array) -> Array:
-    """Per-layer LPIPS terms [B, 5] float32 (their sum over the last axis is the distance)."""
+  def layer_distances(self, x: Array, y: Array, *, dropout_rate: float = 0.0,
+                      dropout_key: Array | None = None) -> Array:
+    """Per-layer LPIPS terms [B, 5] float32 (their sum over the last axis is the distance).
+
+    With `dropout_key` and `dropout_rate` > 0, the heads' train-mode dropout (module docstring).
+    """
     if x.shape != y.shape:
       raise ValueError(f"LPIPS: the two image batches differ in shape, {x.shape} vs {y.shape}")
+    if not 0.0 <= dropout_rate < 1.0:
+      raise ValueError(f"LPIPS dropout_rate must be in [0, 1), got {dropout_rate}")
+    drop = dropout_key is not None and dropout_rate > 0
+    keys = jax.random.split(dropout_key, len(CHANNELS)) if drop else [None] * len(CHANNELS)
     out = []
-    for fx, fy, lin in zip(self.features(x), self.features(y), self.lins):
+    for fx, fy, lin, key in zip(self.features(x), self.features(y), self.lins, keys):
       d = jnp.square(normalize_channels(fx) - normalize_channels(fy))  # [B, h, w, C] float32
+      if drop:
+        keep = jax.random.bernoulli(key, 1.0 - dropout_rate, d.shape)
+        d = jnp.where(keep, d / (1.0 - dropout_rate), 0.0)
       out.append(lin(jnp.mean(d, axis=(1, 2))))  # the head is linear: average first, then project
     return jnp.stack(out, axis=-1)
 
-  def __call__(self, x: Array, y: Array) -> Array:
-    """Per-image LPIPS distance [B] float32."""
-    return jnp.sum(self.layer_distances(x, y), axis=-1)
+  def __call__(self, x: Array, y: Array, *, dropout_rate: float = 0.0,
+               dropout_key: Array | None = None) -> Array:
+    """Per-image LPIPS distance [B] float32 (dropout: see `layer_distances`)."""
+    return jnp.sum(self.layer_distances(x, y, dropout_rate=dropout_rate, dropout_key=dropout_key),
+                   axis=-1)

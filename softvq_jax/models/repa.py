@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softvq_jax import config_lib
-from softvq_jax.models.vit import Dense, VisionTransformer, make_param
+from softvq_jax.models.vit import (VIT_SIZES, Dense, VisionTransformer, make_param,
+                                   trace_friendly_rngs)
 
 Array = jax.Array
 
@@ -84,13 +84,13 @@ def build_repa_teacher(size: str = "L", img_size: int = 256, patch_size: int = 1
 
   That is what the reference's `create_model(repa_model, pretrained=True, img_size=S,
   patch_size=16)` builds: class token, no register tokens, LayerScale, final LayerNorm, exact GELU.
-  size: a `config_lib.VIT_SIZES` key ("S", "B", "L"; the recipe uses "L"). depth overrides the
+  size: a `models.vit.VIT_SIZES` key ("S", "B", "L"; the recipe uses "L"). depth overrides the
   number of blocks (tests only). Load weights with `load_repa_teacher` /
   `convert.timm_vit.load_timm_vit`.
   """
-  if size not in config_lib.VIT_SIZES:
-    raise ValueError(f"REPA teacher size {size!r} is not one of {sorted(config_lib.VIT_SIZES)}")
-  width, default_depth, heads = config_lib.VIT_SIZES[size]
+  if size not in VIT_SIZES:
+    raise ValueError(f"REPA teacher size {size!r} is not one of {sorted(VIT_SIZES)}")
+  width, default_depth, heads = VIT_SIZES[size]
   return VisionTransformer(
       img_size=img_size, patch_size=patch_size, width=width,
       depth=default_depth if depth is None else depth, num_heads=heads, class_token=True,
@@ -113,7 +113,7 @@ def load_repa_teacher(path_or_state_dict: str | Mapping, size: str = "L", img_si
   from softvq_jax.convert import timm_vit  # pylint: disable=import-outside-toplevel
   model = build_repa_teacher(size, img_size, patch_size, depth=depth,
                              attention_backend=attention_backend,
-                             rngs=rngs if rngs is not None else nnx.Rngs(0))
+                             rngs=rngs if rngs is not None else trace_friendly_rngs(0))
   if isinstance(path_or_state_dict, Mapping):
     timm_vit.load_timm_vit(model, path_or_state_dict, source="REPA teacher state dict")
   else:

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softvq_jax import config_lib
 from softvq_jax.models import quantizer as quantizer_lib
-from softvq_jax.models.vit import (Dense, VisionTransformer, make_param, normal_02, trunc_normal_02,
-                                   unpatchify)
+from softvq_jax.models.vit import (VIT_SIZES, Dense, VisionTransformer, make_param, normal_02,
+                                   trace_friendly_rngs, trunc_normal_02, unpatchify)
 
 Array = jax.Array
 
@@ -82,7 +81,7 @@ jax.tree_util.register_dataclass(
 
 def _vit(cfg: TokenizerConfig, size: str, *, class_token: bool, with_patch_embed: bool,
          rngs: nnx.Rngs) -> VisionTransformer:
-  width, depth, heads = config_lib.VIT_SIZES[size]
+  width, depth, heads = VIT_SIZES[size]
   return VisionTransformer(
       img_size=cfg.image_size, patch_size=cfg.patch_size, width=width, depth=depth,
       num_heads=heads, class_token=class_token, layer_scale_init=cfg.layer_scale_init,
@@ -137,7 +136,7 @@ class SoftVQTokenizer(nnx.Module):
     self.cfg = cfg
     self.encoder = Encoder(cfg, rngs=rngs)
     de = self.encoder.model.width
-    dd = config_lib.VIT_SIZES[cfg.decoder_size][0]
+    dd = VIT_SIZES[cfg.decoder_size][0]
     e = cfg.codebook_embed_dim
     self.quant_conv = Dense(de, e, axes=("embed", None), rngs=rngs)
     self.quantize = quantizer_lib.SoftVectorQuantizer(
@@ -179,12 +178,12 @@ class SoftVQTokenizer(nnx.Module):
 
 
 def build_tokenizer(cfg: TokenizerConfig, seed: int = 0) -> SoftVQTokenizer:
-  return SoftVQTokenizer(cfg, rngs=nnx.Rngs(seed))
+  return SoftVQTokenizer(cfg, rngs=trace_friendly_rngs(seed))
 
 
 def abstract_tokenizer(cfg: TokenizerConfig) -> SoftVQTokenizer:
   """Shape-only model (no memory, no FLOPs): for parameter counts and sharding plans."""
-  return nnx.eval_shape(lambda: SoftVQTokenizer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: SoftVQTokenizer(cfg, rngs=trace_friendly_rngs(0)))
 
 
 def count_params(module: nnx.Module) -> int:
