@@ -9,7 +9,8 @@ sees, without the training mesh:
     images = tok.decode(tokens)           # [B, N, e] -> [B, S, S, 3] float32 (not clamped)
     z = tok.encode(images, normalize=True)  # (tokens - vq_mean) / vq_std, for generators
 
-Sources, in the order they are tried: a local directory in the official hub format
+Sources, in the order they are tried: a directory (local, or a URL such as gs://bucket/dir,
+read through etils.epath) in the official hub format
 (`config.json` + `model.safetensors`, which is also what `Tokenizer.save` writes); a training
 workdir of ours, its `checkpoints/` directory or one step directory (the newest complete
 checkpoint's EMA weights, restored alone onto one device: no mesh, no optimizer state); else a
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from softvq_jax import paths
 from softvq_jax.convert import official
 from softvq_jax.convert.safetensors_io import CheckpointError
 from softvq_jax.models.tokenizer import SoftVQTokenizer, TokenizerConfig, abstract_tokenizer
@@ -94,7 +96,8 @@ class Tokenizer:
     return latents * self.config.vq_std + self.config.vq_mean
 
   def save(self, directory: str) -> None:
-    """Writes the official hub format (config.json + model.safetensors) to `directory`."""
+    """Writes the official hub format (config.json + model.safetensors) to `directory`, a local
+    folder or a URL (gs://...)."""
     official.export_official(nnx.merge(self._graphdef, self._state), directory)
 
 
@@ -150,26 +153,30 @@ def load_tokenizer(path_or_hub_id: str, *, compute_dtype=None, attention_backend
   compute_dtype: override the activation dtype (e.g. "bfloat16" on GPU/TPU); parameters stay
   float32. attention_backend: "auto" | "xla" | "cudnn" | "jax".
   """
-  path = os.path.expanduser(str(path_or_hub_id))
-  if os.path.isdir(path):
+  source = os.fspath(path_or_hub_id)
+  kw = dict(compute_dtype=compute_dtype, attention_backend=attention_backend)
+  path = paths.resolve(source)
+  # A URL (gs://...) is always a location; a local path is one when it exists. Anything else of
+  # the form owner/name is a hub id.
+  if paths.is_url(source) or path.exists():
+    if not path.is_dir():
+      if path.exists():
+        raise CheckpointError(f"{path}: expected a directory, got a file")
+      raise CheckpointError(f"{path}: no such directory (an official-format directory or a "
+                            "training workdir of ours was expected)")
     if official.is_official_dir(path):
-      return from_official_dir(path, compute_dtype=compute_dtype,
-                               attention_backend=attention_backend)
+      return from_official_dir(path, **kw)
     from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel
     step_dir = checkpoint.resolve_step_dir(path)
     if step_dir is not None:
-      return from_training_checkpoint(step_dir, compute_dtype=compute_dtype,
-                                      attention_backend=attention_backend)
+      return from_training_checkpoint(step_dir, **kw)
     raise CheckpointError(
         f"{path}: neither an official-format directory (needs {official.CONFIG_NAME} + "
         f"{official.WEIGHTS_NAME}; export one with Tokenizer.save(directory)) nor a training "
         "workdir / checkpoint of ours (<workdir>/checkpoints/<step>/state)")
-  if os.path.exists(path):
-    raise CheckpointError(f"{path}: expected a directory, got a file")
-  if path.count("/") != 1 or path.startswith((".", "/")):
+  if source.count("/") != 1 or source.startswith((".", "/", "~")):
     raise CheckpointError(f"{path}: no such directory, and not a hub id of the form 'owner/name'")
-  return from_official_dir(_download(path, revision), compute_dtype=compute_dtype,
-                           attention_backend=attention_backend)
+  return from_official_dir(_download(source, revision), **kw)
 
 
 def _download(hub_id: str, revision: str | None) -> str:

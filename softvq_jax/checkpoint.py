@@ -17,6 +17,11 @@ loading on one CPU without the mesh; failures that are loud):
 * Restore takes the *target* shardings, so a checkpoint written on one mesh (8 devices, FSDP)
   restores onto another (4 devices, data parallel): Orbax reads each device's slices.
 * An error of a background save is raised at the next save / `wait()` instead of being lost.
+* Which checkpoints exist is read by process 0 alone and broadcast (Orbax's
+  `single_host_load_and_broadcast`), so every process resumes from the same step even when their
+  views of the storage differ for a moment (object-store listings, caches).
+* The workdir is a local path or a URL (gs://...); every access goes through etils.epath
+  (`softvq_jax.paths`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from softvq_jax import paths
+
 ITEMS = ("state", "data", "config", "metadata")
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -41,12 +48,11 @@ def absolute_workdir(workdir) -> str:
   directory. Everything that touches the workdir goes through etils.epath (tf.io.gfile for gs://),
   as Orbax does.
   """
-  path = os.fspath(workdir)
-  return path if "://" in path else os.path.abspath(path)
+  return paths.resolve_str(workdir)
 
 
 def checkpoint_dir(workdir) -> str:
-  return str(epath.Path(absolute_workdir(workdir)) / CHECKPOINT_SUBDIR)
+  return os.fspath(paths.resolve(workdir) / CHECKPOINT_SUBDIR)
 
 
 def library_versions() -> dict[str, str]:
@@ -78,6 +84,7 @@ class Checkpointer:
         create=True,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
+        single_host_load_and_broadcast=True,
     )
     self.directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -135,7 +142,7 @@ def read_json_item(step_dir: str, item: str) -> dict[str, Any]:
 def write_json_item(step_dir: str, item: str, value: dict[str, Any]) -> None:
   """Replaces a JSON item of one step directory (atomically: Orbax writes a temporary directory
   and renames it), e.g. to add latent statistics to "metadata" after training."""
-  path = os.path.join(step_dir, item)
+  path = epath.Path(step_dir) / item
   ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(path, value, force=True)
 
 
@@ -161,7 +168,7 @@ def restore_ema(step_dir: str, abstract_params):
   target = {"ema_params": abstract_params}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+    out = ckptr.restore(epath.Path(step_dir) / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
   return out["ema_params"]
 

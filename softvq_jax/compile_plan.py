@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
@@ -43,6 +42,7 @@ import sys
 import time
 from typing import Any
 
+from softvq_jax import paths
 
 GiB = 2 ** 30
 
@@ -777,10 +777,8 @@ def run(config, workdir: str, target_name: str) -> dict:
   if target.platform != "tpu" or not xla_bridge.backends_are_initialized():
     ensure_cpu_devices(target.num_devices, reexec=True)
   report = plan(config, target)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, f"compile_{re.sub(r'[^A-Za-z0-9_.-]', '_', target.name)}.json")
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2, default=float)
+  path = paths.resolve(workdir) / f"compile_{re.sub(r'[^A-Za-z0-9_.-]', '_', target.name)}.json"
+  paths.write_json(path, report, default=float)  # float: the report's numpy scalars
   print(format_report(report), flush=True)
   print(f"wrote {path}", flush=True)
   if not report["fits"]:

@@ -53,10 +53,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 from typing import Any, NamedTuple, Sequence
 
 from absl import logging
+from etils import epath
 import grain
 import numpy as np
 from PIL import Image, ImageFile
@@ -107,7 +107,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(image: bytes | str | np.ndarray) -> Image.Image:
-  """A record's image (encoded bytes, a file path, or a uint8 array) as an RGB PIL image.
+  """A record's image (encoded bytes, a file path or URL, or a uint8 array) as an RGB PIL image.
 
   Raises BadImageError for anything that is not a complete, decodable image: zero-byte files,
   non-images with an image extension, truncated or corrupt JPEG/PNG (PIL raises on `load()`;
@@ -123,11 +123,11 @@ def decode_image(image: bytes | str | np.ndarray) -> Image.Image:
       if not len(image):
         raise BadImageError("empty (0 bytes)")
       f = io.BytesIO(image)
-    else:
-      if os.path.getsize(image) == 0:
+    else:  # a file path: local, or a URL (gs://...) of an image folder on an object store
+      content = epath.Path(image).read_bytes()
+      if not content:
         raise BadImageError("empty file (0 bytes)")
-      with open(image, "rb") as fh:
-        f = io.BytesIO(fh.read())
+      f = io.BytesIO(content)
     # tensorflow_datasets sets PIL's process-global LOAD_TRUNCATED_IMAGES = True as a side effect
     # of its image utilities (seen in tests once TensorFlow is installed): keep truncated files
     # failing here whatever another library did to the flag.
@@ -472,7 +472,7 @@ def make_source(data_config, split: str):
     if not data_config.path:
       raise DataSourceError("config.data.source=folder needs config.data.path=<image folder root> "
                             "(<root>/<class>/<image>, or <root>/train and <root>/val).")
-    root = data_sources.resolve_folder_root(os.path.expanduser(data_config.path), split)
+    root = data_sources.resolve_folder_root(data_config.path, split)
     return data_sources.FolderSource(root, cache_dir=data_config.cache_dir)
   if source == "tfds":
     return data_sources.TfdsSource(data_config.tfds_name, data_config.path, split)

@@ -17,18 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
+
+from softvq_jax import paths
 
 # torchvision's ImageFolder extensions (the reference's dataset class), matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-_FILELIST_VERSION = 1
-_FILELIST_NAME = ".softvq_filelist.json"
+_FILELIST_VERSION = 2
 
 
 class DataSourceError(RuntimeError):
@@ -113,72 +114,107 @@ def _is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _scan_folder(root: str) -> dict[str, Any]:
-  """Walks `root` once; sorted so that every host and every run sees the same order."""
-  entries = sorted(os.scandir(root), key=lambda e: e.name)
+def _scan_folder(root: epath.Path) -> dict[str, Any]:
+  """Lists `root` once; sorted so that every host and every run sees the same order.
+
+  Local folders: class folders may nest (`<class>/**/<file>`) and symlinks are followed (os.walk).
+  URLs (gs://...): one listing per level (`<root>/*` and `<root>/*/*`), because object stores
+  have no folders to walk and a per-entry "is this a folder?" request would cost one round trip
+  per image; so a URL image folder is `<root>/<class>/<file>` or `<root>/<file>`.
+  """
+  if paths.is_url(root):
+    return _scan_url_folder(root)
+  local = os.fspath(root)
+  entries = sorted(os.scandir(local), key=lambda e: e.name)
   class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
   top_files = [e.name for e in entries if e.is_file() and _is_image_file(e.name)]
   files: list[str] = []
   labels: list[int] = []
   if class_dirs:
-    if top_files:
-      logging.warning("image folder %s has class sub-folders; ignoring %d image files directly "
-                      "in the root (e.g. %s)", root, len(top_files), top_files[0])
     for label, cls in enumerate(class_dirs):
-      cls_root = os.path.join(root, cls)
       found = []
-      for dirpath, dirnames, filenames in os.walk(cls_root, followlinks=True):
+      for dirpath, dirnames, filenames in os.walk(os.path.join(local, cls), followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, root)
+        rel = os.path.relpath(dirpath, local)
         found.extend(os.path.join(rel, f) for f in filenames if _is_image_file(f))
       found.sort()
       files.extend(found)
       labels.extend([label] * len(found))
+  return _listing(root, class_dirs, top_files, files, labels)
+
+
+def _scan_url_folder(root: epath.Path) -> dict[str, Any]:
+  top = [p.name for p in root.glob("*")]
+  nested = sorted(f"{p.parent.name}/{p.name}" for p in root.glob("*/*"))
+  class_dirs = sorted({n.split("/")[0] for n in nested if not n.startswith(".")})
+  top_files = sorted(n for n in top if n not in class_dirs and _is_image_file(n))
+  label_of = {c: i for i, c in enumerate(class_dirs)}
+  files = [n for n in nested if n.split("/")[0] in label_of and _is_image_file(n.split("/")[1])]
+  files.sort(key=lambda n: (label_of[n.split("/")[0]], n))  # class by class, as a local folder
+  return _listing(root, class_dirs, top_files, files, [label_of[f.split("/")[0]] for f in files])
+
+
+def _listing(root: epath.Path, class_dirs: list[str], top_files: list[str], files: list[str],
+             labels: list[int]) -> dict[str, Any]:
+  if class_dirs:
+    if top_files:
+      logging.warning("image folder %s has class sub-folders; ignoring %d image files directly "
+                      "in the root (e.g. %s)", root, len(top_files), top_files[0])
     layout = "classes"
   else:
-    files = top_files
-    labels = [-1] * len(files)
-    layout = "flat"
-  return {"version": _FILELIST_VERSION, "root": root, "layout": layout, "classes": class_dirs,
-          "files": files, "labels": labels, "mtimes": _dir_mtimes(root, layout, class_dirs)}
+    files, labels, layout = top_files, [-1] * len(top_files), "flat"
+  return {"version": _FILELIST_VERSION, "root": str(root), "layout": layout,
+          "classes": class_dirs, "files": files, "labels": labels,
+          "mtimes": _dir_mtimes(root, layout, class_dirs)}
 
 
-def _dir_mtimes(root: str, layout: str, class_dirs: list[str]) -> dict[str, float]:
-  """Modification times that change when a file is added, removed or renamed.
-
-  Class layout: the class folders (the cache file next to them, in the root, does not touch them);
-  the set of class folders itself is compared separately. Flat layout: the root folder, which is
-  why a flat folder's list is never cached inside the root itself.
-  """
+def _dir_mtimes(root: epath.Path, layout: str, class_dirs: list[str]) -> dict[str, float] | None:
+  """Modification times that change when a file is added, removed or renamed: the class folders
+  (class layout; the set of class folders itself is compared separately) or the root (flat).
+  None for URLs: object stores have no folders, hence no folder modification times."""
+  if paths.is_url(root):
+    return None
+  local = os.fspath(root)
   if layout == "flat":
-    return {".": os.stat(root).st_mtime}
-  return {cls: os.stat(os.path.join(root, cls)).st_mtime for cls in class_dirs}
+    return {".": os.stat(local).st_mtime}
+  return {cls: os.stat(os.path.join(local, cls)).st_mtime for cls in class_dirs}
 
 
-def _class_dirs(root: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def _class_dirs(root: epath.Path) -> list[str]:
+  return sorted(e.name for e in os.scandir(os.fspath(root))
+                if e.is_dir() and not e.name.startswith("."))
 
 
-def _filelist_cache_paths(root: str, cache_dir: str, layout_hint: str) -> list[str]:
-  """Where the file list may be cached, best first: next to the data, else a per-user cache."""
+def user_cache_dir() -> epath.Path:
+  """$XDG_CACHE_HOME/softvq_jax, else ~/.cache/softvq_jax."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return paths.resolve(os.path.join(base, "softvq_jax"))
+
+
+def filelist_cache_path(root, cache_dir: str = "") -> epath.Path:
+  """Where the file list of image folder `root` is cached: `<cache_dir>/filelists/` (a local
+  folder or a URL), else the user's cache directory (`user_cache_dir()/filelists/`).
+
+  Never inside the dataset itself: datasets are often read-only or shared between users, and
+  writing into them would be a surprise. The file list belongs to the data rather than to one
+  run, so it lives in a per-user (or configured, e.g. gs:// for a pod) cache that later runs on
+  the same data reuse, not in one run's workdir.
+  """
+  root = str(paths.resolve(root))
+  base = paths.resolve(cache_dir) if cache_dir else user_cache_dir()
   key = hashlib.sha256(root.encode()).hexdigest()[:16]
-  fname = f"filelist_{key}.json"
-  if cache_dir:
-    return [os.path.join(os.path.expanduser(cache_dir), fname)]
-  user_cache = os.path.join(os.path.expanduser("~"), ".cache", "softvq_jax", fname)
-  if layout_hint == "flat":
-    return [user_cache]
-  return [os.path.join(root, _FILELIST_NAME), user_cache]
+  return base / "filelists" / f"filelist_{key}.json"
 
 
-def _load_cached_filelist(path: str, root: str) -> dict[str, Any] | None:
+def _load_cached_filelist(path: epath.Path, root: epath.Path) -> dict[str, Any] | None:
   try:
-    with open(path) as f:
-      cached = json.load(f)
+    cached = json.loads(path.read_text())
   except (OSError, ValueError):
     return None
-  if cached.get("version") != _FILELIST_VERSION or cached.get("root") != root:
+  if cached.get("version") != _FILELIST_VERSION or cached.get("root") != str(root):
     return None
+  if paths.is_url(root):
+    return cached  # no folder mtimes to compare: reused until the cache file is deleted
   try:
     stale = (_class_dirs(root) != cached["classes"]
              or cached.get("mtimes") != _dir_mtimes(root, cached["layout"], cached["classes"]))
@@ -190,65 +226,56 @@ def _load_cached_filelist(path: str, root: str) -> dict[str, Any] | None:
   return cached
 
 
-def _write_filelist(listing: dict[str, Any], paths: list[str]) -> str | None:
-  for path in paths:
-    try:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      # Write-then-rename: hosts sharing a file system never read a half-written list.
-      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_filelist")
-      with os.fdopen(fd, "w") as f:
-        json.dump(listing, f)
-      os.replace(tmp, path)
-      return path
-    except OSError as e:
-      logging.info("cannot cache the file list at %s (%s)", path, e)
-  return None
-
-
-def list_image_folder(root: str, *, cache_dir: str = "") -> dict[str, Any]:
-  """The sorted file list of an image folder, read from / written to its cache.
+def list_image_folder(root, *, cache_dir: str = "") -> dict[str, Any]:
+  """The sorted file list of an image folder (local or URL), read from / written to its cache.
 
   Returns dict(root, layout, classes, files (paths relative to root), labels). Listing 1.28 M
   ImageNet files over a network file system takes minutes, so it is done once and cached as JSON
-  (in `cache_dir` if set, else next to the data if writable, else ~/.cache/softvq_jax); it is
-  rebuilt when a class folder is added/removed or a folder's modification time changes.
+  at `filelist_cache_path(root, cache_dir)` — never inside the data, which may be read-only. A
+  local folder's list is rebuilt when a class folder is added/removed or a folder's modification
+  time changes; a URL folder's (no folder times on object stores) when its cache file is deleted.
+  A cache that cannot be written is skipped with a log line, never an error.
   """
-  root = os.path.abspath(os.path.expanduser(root))
-  if not os.path.exists(root):
+  root = paths.resolve(root)
+  if not root.exists():
     raise DataSourceError(
-        f"image folder {root!r} does not exist. Set config.data.path to a folder laid out as "
+        f"image folder {str(root)!r} does not exist. Set config.data.path to a folder laid out as "
         "<path>/<class>/<image> (ImageNet style) or <path>/<image>, or use config.data.source=demo.")
-  if not os.path.isdir(root):
-    raise DataSourceError(f"config.data.path={root!r} is a file, not a folder of images.")
-  cache_paths = _filelist_cache_paths(root, cache_dir, "classes" if _class_dirs(root) else "flat")
-  listing = None
-  for path in cache_paths:
-    listing = _load_cached_filelist(path, root)
-    if listing is not None:
-      logging.info("image folder %s: %d files (cached list %s)", root, len(listing["files"]), path)
-      break
-  if listing is None:
+  if not root.is_dir():
+    raise DataSourceError(f"config.data.path={str(root)!r} is a file, not a folder of images.")
+  cache = filelist_cache_path(root, cache_dir)
+  listing = _load_cached_filelist(cache, root)
+  if listing is not None:
+    logging.info("image folder %s: %d files (cached list %s%s)", root, len(listing["files"]),
+                 cache, "; delete it to rescan" if paths.is_url(root) else "")
+  else:
     listing = _scan_folder(root)
     if listing["files"]:
-      written = _write_filelist(listing, cache_paths)
-      logging.info("image folder %s: %d files, %d classes; file list cached at %s", root,
-                   len(listing["files"]), len(listing["classes"]), written)
+      try:
+        # Atomic: hosts sharing the cache never read a half-written list.
+        paths.write_bytes_atomic(cache, json.dumps(listing).encode())
+        logging.info("image folder %s: %d files, %d classes; file list cached at %s", root,
+                     len(listing["files"]), len(listing["classes"]), cache)
+      except OSError as e:
+        logging.info("image folder %s: %d files; cannot cache the file list at %s (%s)", root,
+                     len(listing["files"]), cache, e)
   if not listing["files"]:
     raise DataSourceError(
-        f"image folder {root!r} contains no image files (looked for {', '.join(IMAGE_EXTENSIONS)} "
-        "in <path>/<class>/ sub-folders, or directly in <path> when it has no sub-folders). "
-        "Check config.data.path.")
+        f"image folder {str(root)!r} contains no image files (looked for "
+        f"{', '.join(IMAGE_EXTENSIONS)} in <path>/<class>/ sub-folders, or directly in <path> "
+        "when it has no sub-folders). Check config.data.path.")
   return listing
 
 
 class FolderSource:
-  """Random access over an image folder's sorted file list; records carry the file path.
+  """Random access over an image folder's sorted file list; records carry the file path (a local
+  path or a URL, read by `data.decode_image`).
 
   Paths are stored as one fixed-width numpy byte array (ImageNet: ~40 MB instead of ~150 MB of
   Python strings), which is what each worker process receives when the pipeline is pickled.
   """
 
-  def __init__(self, root: str, *, cache_dir: str = ""):
+  def __init__(self, root, *, cache_dir: str = ""):
     listing = list_image_folder(root, cache_dir=cache_dir)
     self.root = listing["root"]
     self.layout = listing["layout"]
@@ -264,17 +291,17 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     rel = self._files[int(index)].decode("utf-8")
-    return {"image": os.path.join(self.root, rel), "label": int(self._labels[int(index)]),
-            "name": rel}
+    return {"image": f"{self.root}/{rel}", "label": int(self._labels[int(index)]), "name": rel}
 
 
-def resolve_folder_root(path: str, split: str) -> str:
+def resolve_folder_root(path, split: str) -> str:
   """`path/<split>` when it exists (ImageNet's train/ and val/), else `path` itself."""
+  path = paths.resolve(path)
   candidates = [split] + (["val"] if split == "validation" else [])
   for c in candidates:
-    if c and os.path.isdir(os.path.join(path, c)):
-      return os.path.join(path, c)
-  return path
+    if c and (path / c).is_dir():
+      return str(path / c)
+  return str(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,12 +335,13 @@ class TfdsSource:
     if not data_dir:
       raise DataSourceError("config.data.source=tfds needs config.data.path=<TFDS data_dir>. "
                             + _TFDS_HOWTO.format(name=name, data_dir="<data_dir>"))
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    data_path = paths.resolve(data_dir)  # local, or gs://... (TFDS and Orbax use epath too)
+    data_dir = str(data_path)
     howto = _TFDS_HOWTO.format(name=name, data_dir=data_dir)
-    if not os.path.isdir(data_dir):
+    if not data_path.is_dir():
       raise DataSourceError(f"TFDS data_dir {data_dir!r} does not exist. " + howto)
-    dataset_dir = os.path.join(data_dir, *name.split(":")[0].split("/"))
-    if not os.path.isdir(dataset_dir):
+    dataset_dir = data_path.joinpath(*name.split(":")[0].split("/"))
+    if not dataset_dir.is_dir():
       raise DataSourceError(
           f"TFDS dataset {name!r} is not prepared in {data_dir!r} (no {dataset_dir}). " + howto)
     try:
@@ -344,6 +372,26 @@ class TfdsSource:
     self.has_file_name = "file_name" in features
     self._ds = builder.as_data_source(split=split,
                                       decoders={"image": tfds.decode.SkipDecoding()})
+    if paths.is_url(data_dir) and len(self._ds):
+      self._check_remote_read(data_dir)
+
+  def _check_remote_read(self, data_dir: str) -> None:
+    """Reads one record now, so that an array_record build without support for this URL scheme
+    fails at start-up with the fix instead of as a skipped-file storm in the workers."""
+    try:
+      self._ds[0]
+    except RuntimeError as e:  # array_record: "open() failed: No such file or directory; ..."
+      import importlib.metadata  # pylint: disable=g-import-not-at-top
+      try:
+        version = importlib.metadata.version("array-record")
+      except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+      raise DataSourceError(
+          f"cannot read TFDS dataset {self.name!r} from {data_dir!r} ({e}). The ArrayRecord reader "
+          f"(array-record {version}) must support this URL scheme: array-record 0.8.6 reads gs:// "
+          "itself (pip install -U array-record), older builds only read local files. Otherwise "
+          "copy the prepared dataset to a local disk (gcloud storage cp -r) and set "
+          "config.data.path to it.") from e
 
   def __len__(self) -> int:
     return len(self._ds)

@@ -8,10 +8,13 @@ The protocol (pinned, so numbers are comparable run to run and with the paper's 
    images, never on the raw float output.
 3. rFID: pool features (2048-d) of the FID Inception-v3 (pytorch-fid numerics: bilinear resize to
    299 inside the network) of the real crops vs of the reconstructions; float64 statistics on the
-   host, scipy matrix square root. The real statistics are cached per (data, split, size, count)
-   under `<workdir>/fid_stats/`. Optionally also FID against a user-supplied reference `.npz`
-   (`config.eval.reference_stats`, e.g. an ADM reference batch — a different protocol, reported
-   as `fid_reference`).
+   host, `metrics.frechet_distance` (pytorch-fid's formula). The real statistics are cached per
+   (data, split, size, count) under `<workdir>/fid_stats/` (a local path or a gs:// URL).
+   Process 0 alone reads the cache, decides whether the real images' Inception pass runs, and
+   computes the FIDs, which it broadcasts: hosts without a shared file system still run the same
+   collectives and report the same numbers. Optionally also FID against a user-supplied
+   reference `.npz` (`config.eval.reference_stats`, e.g. an ADM reference batch — a different
+   protocol, reported as `fid_reference`).
 4. PSNR / SSIM on uint8 with data_range 255 (`metrics.py`; scikit-image's definitions), LPIPS-VGG
    on the [-1, 1] images; all as means over images.
 5. Codebook usage: fraction of codes that are the argmax of some token over the whole pass, and
@@ -26,9 +29,7 @@ there. Without pretrained Inception/LPIPS files the networks are randomly initia
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from softvq_jax import data, metrics, pretrained, sharding, visualize
+from softvq_jax import data, metrics, paths, pretrained, sharding, visualize
 from softvq_jax.models import quantizer as quantizer_lib
 
 Array = jax.Array
@@ -125,6 +126,17 @@ def _load_networks(config, mesh) -> _Networks:
                    lp_random)
 
 
+def fid_stats_name(data_config, *, split: str, image_size: int, num_images: int,
+                   random_inception: bool) -> str:
+  """The file name of the cached real statistics in `<workdir>/fid_stats/`:
+  `<source>_<data>_<split>_<size>px_<count>[_random].npz` (count 0 = the whole split)."""
+  d = data_config
+  where = "photos" if d.source == "demo" else (paths.resolve(d.path).name if d.path
+                                               else d.tfds_name)
+  return (f"{d.source}_{where}_{split}_{image_size}px_{num_images}"
+          f"{'_random' if random_inception else ''}.npz")
+
+
 class Evaluator:
   """The compiled evaluation of one config on one mesh; call it with generator parameters.
 
@@ -144,12 +156,9 @@ class Evaluator:
     self.last_grid: np.ndarray | None = None
 
   def _stats_path(self, split: str, num_images: int) -> str:
-    d = self.config.data
-    where = os.path.basename(os.path.normpath(d.path)) if d.path else d.tfds_name
-    name = (f"{d.source}_{where if d.source != 'demo' else 'photos'}_{split}_"
-            f"{self.config.image_size}px_{num_images}"
-            f"{'_random' if self.nets.random_inception else ''}.npz")
-    return os.path.join(self.workdir, "fid_stats", name)
+    return str(paths.resolve(self.workdir) / "fid_stats" / fid_stats_name(
+        self.config.data, split=split, image_size=self.config.image_size,
+        num_images=num_images, random_inception=self.nets.random_inception))
 
   def __call__(self, params, *, num_images: int | None = None, split: str | None = None
                ) -> dict[str, float]:
@@ -163,7 +172,11 @@ class Evaluator:
     if num_images:
       num_batches = min(num_batches, math.ceil(num_images / gbs))
     stats_path = self._stats_path(split, num_images or 0)
-    cached = os.path.exists(stats_path)
+    # Process 0 alone looks for (and reads) the cached real statistics and tells the others:
+    # every process must run the same collectives (the real images' Inception pass or not), and
+    # without a shared file system their own views of the workdir would disagree.
+    cached_stats = _load_cached_stats(stats_path) if jax.process_index() == 0 else None
+    cached = bool(_from_process_0(np.int32(cached_stats is not None)))
     real_stats = metrics.FeatureStats(2048)
     fake_stats = metrics.FeatureStats(2048)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
@@ -200,20 +213,29 @@ class Evaluator:
     if n < 2:
       raise ValueError(f"evaluation saw {n} valid images; it needs at least 2 (check "
                        f"config.data / the {split!r} split)")
-    if not cached and jax.process_index() == 0:
-      real_stats.save(stats_path)
-    if cached:
-      mu_r, sigma_r = metrics.load_stats(stats_path)
-    else:
-      mu_r, sigma_r = real_stats.mean_cov()
-    mu_f, sigma_f = fake_stats.mean_cov()
-    fid = metrics.frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
+    inc_sfx = "_random_inception" if self.nets.random_inception else ""
+    fid_names = [f"rfid{inc_sfx}"] + ([f"fid_reference{inc_sfx}"] if cfg.eval.reference_stats
+                                      else [])
+
+    def fids() -> list[float]:  # on process 0: it holds the cached statistics
+      mu_f, sigma_f = fake_stats.mean_cov()
+      if cached_stats is not None:
+        mu_r, sigma_r = cached_stats
+      else:
+        mu_r, sigma_r = real_stats.mean_cov()
+        _save_stats(real_stats, stats_path)
+      out = [metrics.frechet_distance(mu_r, sigma_r, mu_f, sigma_f)]
+      if cfg.eval.reference_stats:
+        mu_ref, sigma_ref = metrics.load_stats(cfg.eval.reference_stats)
+        out.append(metrics.frechet_distance(mu_ref, sigma_ref, mu_f, sigma_f))
+      return out
+
+    fid_values = _computed_on_process_0(fids, len(fid_names), what="the FID")
     avg_p = probs / np.maximum(probs.sum(-1, keepdims=True), 1e-12)
     perplexity = np.exp(-np.sum(avg_p * np.log(avg_p + quantizer_lib.ENTROPY_EPS), axis=-1))
-    inc_sfx = "_random_inception" if self.nets.random_inception else ""
     result = {
         "num_images": n,
-        f"rfid{inc_sfx}": fid,
+        **dict(zip(fid_names, fid_values)),
         "psnr": sums["psnr"] / n,
         "ssim": sums["ssim"] / n,
         f"lpips{'_random_vgg' if self.nets.random_lpips else ''}": sums["lpips"] / n,
@@ -224,10 +246,6 @@ class Evaluator:
     is_mean, is_std = metrics.inception_score(np.concatenate(logits), splits=min(10, n))
     result[f"inception_score{inc_sfx}"] = is_mean
     result[f"inception_score_std{inc_sfx}"] = is_std
-    if cfg.eval.reference_stats:
-      mu_ref, sigma_ref = metrics.load_stats(cfg.eval.reference_stats)
-      result[f"fid_reference{inc_sfx}"] = metrics.frechet_distance(mu_ref, sigma_ref, mu_f,
-                                                                   sigma_f)
     result["images_per_s"] = n / result["eval_seconds"]
     return result
 
@@ -254,18 +272,80 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None) -> dict[st
   evaluator = Evaluator(config, mesh, graphdef, workdir)
   num = int(config.eval.num_images) or None
   result = evaluator(replicated_params(tok.model, mesh), num_images=num)
-  result.update({"checkpoint": os.path.abspath(source) if os.path.exists(source) else source,
+  result.update({"checkpoint": _describe_source(source),
                  "split": config.data.eval_split, "image_size": config.image_size,
                  "data": config.data.source, "device": jax.devices()[0].device_kind,
                  "num_devices": jax.device_count(),
                  "protocol": "centre crop, uint8 reconstructions, pytorch-fid Inception pool "
                              "features, skimage PSNR/SSIM (data_range 255), LPIPS-VGG v0.1"})
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = paths.resolve(workdir) / "eval"
     name = f"eval_{config.data.eval_split}_{result['num_images']}"
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-      json.dump(result, f, indent=2)
-    visualize.save_png(os.path.join(out_dir, name + ".png"), evaluator.last_grid)
+    paths.write_json(out_dir / f"{name}.json", result)
+    visualize.save_png(out_dir / f"{name}.png", evaluator.last_grid)
     logging.info("evaluation of %s: %s", source, result)
   return result
+
+
+def _describe_source(source: str) -> str:
+  """The evaluated checkpoint as recorded: an absolute path or URL if it is a location, else the
+  hub id as given."""
+  path = paths.resolve(source)
+  return str(path) if paths.is_url(source) or path.exists() else source
+
+
+# ------------------------------------------------------------------------------------------------
+# Decisions taken by process 0 for all processes.
+# ------------------------------------------------------------------------------------------------
+
+
+def _from_process_0(value: np.ndarray) -> np.ndarray:
+  """Process 0's `value` (an integer array of the same shape on every process) on every
+  process; the value itself in a single-process run."""
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def _computed_on_process_0(fn, size: int, *, what: str) -> list[float]:
+  """Runs `fn() -> list[float]` (`size` values) on process 0 only and gives its result, bit for
+  bit, to every process.
+
+  Why: the inputs of `fn` may exist on process 0 alone (a cache file on its local disk), and all
+  processes must report the same numbers. float64 values travel as pairs of uint32 (a broadcast
+  of float64 would pass through float32 when jax_enable_x64 is off). If `fn` fails, process 0
+  re-raises its error and the others raise one that points to process 0's log, instead of
+  waiting forever for a broadcast that never comes.
+  """
+  values, error = np.zeros((size,), np.float64), None
+  if jax.process_index() == 0:
+    try:
+      values = np.asarray(fn(), np.float64).reshape(size)
+    except Exception as e:  # pylint: disable=broad-except  # re-raised below, after the broadcast
+      error = e
+  payload = np.concatenate([np.array([error is not None], np.uint32), values.view(np.uint32)])
+  payload = _from_process_0(payload).astype(np.uint32)
+  if error is not None:
+    raise error
+  if payload[0]:
+    raise RuntimeError(f"process 0 failed to compute {what}; its log has the error")
+  return payload[1:].copy().view(np.float64).tolist()
+
+
+def _load_cached_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+  """The cached real statistics, or None when absent or unreadable (recomputed and rewritten)."""
+  try:
+    if not paths.resolve(path).exists():
+      return None
+    return metrics.load_stats(path)
+  except (OSError, ValueError, KeyError) as e:  # truncated / foreign file: recompute
+    logging.warning("ignoring the FID statistics cache %s (%s: %s); recomputing it", path,
+                    type(e).__name__, e)
+    return None
+
+
+def _save_stats(stats: metrics.FeatureStats, path: str) -> None:
+  """Writes the real statistics cache; a failure costs only the next evaluation's time."""
+  try:
+    stats.save(path)
+  except OSError as e:
+    logging.warning("could not write the FID statistics cache %s (%s); the next evaluation "
+                    "recomputes the real statistics", path, e)

@@ -15,20 +15,18 @@ killed extraction resumes at the first missing chunk; `manifest.json` is written
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
 import re
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from softvq_jax import data, sharding
+from softvq_jax import data, paths, sharding
 
 _CHUNK_RE = re.compile(r"chunk_(\d{6})\.npz$")
 
@@ -127,15 +125,15 @@ def compute_latent_stats(config, workdir: str, checkpoint: str | None = None) ->
   result = stats.result()
   result.update({"num_images": seen, "split": lc.split, "image_size": config.image_size,
                  "data": config.data.source})
+  stats_json = paths.resolve(workdir) / "latent_stats.json"
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "latent_stats.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    paths.write_json(stats_json, result)
     if checkpoint is None:
       write_stats_to_checkpoint(workdir, result)
     else:
       logging.info("%s is not a checkpoint of ours: statistics written to %s only (for an "
                    "official-format directory, edit vq_mean / vq_std in its config.json)", source,
-                   os.path.join(workdir, "latent_stats.json"))
+                   stats_json)
   logging.info("latent statistics of %s: vq_mean %.6f vq_std %.6f over %d images", source,
                result["vq_mean"], result["vq_std"], seen)
   return result
@@ -156,9 +154,10 @@ def write_stats_to_checkpoint(workdir: str, stats: dict[str, Any]) -> str:
   return step_dir
 
 
-def _done_chunks(proc_dir: str) -> int:
-  """Number of consecutive complete chunks from 0 (a torn tail is rewritten)."""
-  have = {int(m.group(1)) for f in os.listdir(proc_dir) if (m := _CHUNK_RE.search(f))}
+def _done_chunks(proc_dir: epath.Path) -> int:
+  """Number of consecutive complete chunks from 0 (chunks are written atomically, so a file that
+  exists is complete; a gap is refilled from its first missing chunk on)."""
+  have = {int(m.group(1)) for f in proc_dir.iterdir() if (m := _CHUNK_RE.fullmatch(f.name))}
   n = 0
   while n in have:
     n += 1
@@ -170,11 +169,15 @@ def extract_tokens(config, workdir: str, checkpoint: str | None = None,
   """`--mode=extract`: tokens of `config.latents.split` (+ flips if `config.latents.flip`)."""
   tok, mesh, graphdef, params, source = _load(config, workdir, checkpoint)
   lc = config.latents
-  out_dir = out_dir or lc.out_dir or os.path.join(workdir, "tokens")
-  proc_dir = os.path.join(out_dir, f"p{jax.process_index():03d}")
-  os.makedirs(proc_dir, exist_ok=True)
+  out_dir = paths.resolve(out_dir or lc.out_dir or paths.resolve(workdir) / "tokens")
+  proc_dir = out_dir / f"p{jax.process_index():03d}"
+  proc_dir.mkdir(parents=True, exist_ok=True)
   done = _done_chunks(proc_dir)
-  if jax.process_count() > 1:  # every process must restart at the same batch (collectives)
+  if jax.process_count() > 1:
+    # Every process must restart at the same batch (the encode step is a collective). Each one
+    # only sees its own chunks (its p<k>/ folder; hosts need not share a file system), so the
+    # resume point is the minimum over all processes, the same number everywhere: a process that
+    # got further rewrites its extra chunks with identical content.
     done = int(np.min(multihost_utils.process_allgather(np.array([done]))))
   per_chunk = int(lc.chunk_batches)
   gbs = int(lc.batch_size or config.batch_size)
@@ -201,13 +204,10 @@ def extract_tokens(config, workdir: str, checkpoint: str | None = None,
       rows.setdefault("label", []).append(np.asarray(local["label"])[m])
       rows.setdefault("index", []).append(np.asarray(local["index"])[m])
     arrays = {k: np.concatenate(v) for k, v in rows.items()}
-    path = os.path.join(proc_dir, f"chunk_{chunk:06d}.npz")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    paths.save_npz(proc_dir / f"chunk_{chunk:06d}.npz", **arrays)  # atomic: complete or absent
     chunk += 1
-  num = sum(int(np.load(f)["index"].shape[0])
-            for f in glob.glob(os.path.join(proc_dir, "chunk_*.npz")) if _CHUNK_RE.search(f))
+  num = sum(int(paths.load_npz(f, keys=("index",))["index"].shape[0])
+            for f in proc_dir.iterdir() if _CHUNK_RE.fullmatch(f.name))
   manifest = {"source": source, "split": lc.split, "image_size": config.image_size,
               "flip": bool(lc.flip), "latent_shape": list(tok.latent_shape),
               "vq_mean": tok.config.vq_mean, "vq_std": tok.config.vq_std,
@@ -216,24 +216,23 @@ def extract_tokens(config, workdir: str, checkpoint: str | None = None,
             else np.array([num]))
   manifest["num_examples"] = int(np.sum(counts))
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-      json.dump(manifest, f, indent=2)
+    paths.write_json(out_dir / "manifest.json", manifest)
   logging.info("extracted %d examples' tokens to %s", manifest["num_examples"], out_dir)
   return manifest
 
 
 def load_extracted(out_dir: str) -> dict[str, np.ndarray]:
-  """All chunks of an extraction, concatenated and sorted by record index:
-  {"tokens": [M, N, D], ("tokens_flip"), "label": [M], "index": [M]}."""
-  files = sorted(f for f in glob.glob(os.path.join(out_dir, "p*", "chunk_*.npz"))
-                 if _CHUNK_RE.search(f))
+  """All chunks of an extraction (a local folder or a URL), concatenated and sorted by record
+  index: {"tokens": [M, N, D], ("tokens_flip"), "label": [M], "index": [M]}."""
+  out_dir = paths.resolve(out_dir)
+  files = sorted((f for f in out_dir.glob("p*/chunk_*.npz") if _CHUNK_RE.fullmatch(f.name)),
+                 key=str)
   if not files:
     raise FileNotFoundError(f"{out_dir}: no token chunks (p*/chunk_*.npz); run --mode=extract")
   parts: dict[str, list[np.ndarray]] = {}
   for f in files:
-    with np.load(f) as z:
-      for k in z.files:
-        parts.setdefault(k, []).append(z[k])
+    for k, v in paths.load_npz(f).items():
+      parts.setdefault(k, []).append(v)
   out = {k: np.concatenate(v) for k, v in parts.items()}
   order = np.argsort(out["index"], kind="stable")
   return {k: v[order] for k, v in out.items()}

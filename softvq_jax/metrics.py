@@ -16,11 +16,11 @@ and tested against the reference implementations:
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from softvq_jax import paths
 
 Array = jax.Array
 
@@ -110,22 +110,21 @@ class FeatureStats:
     save_stats(path, mu, sigma, self.n)
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
-  """Writes pytorch-fid/ADM-compatible statistics (`mu`, `sigma`) plus the image count."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, num_images=np.int64(n))
-  os.replace(tmp, path)
+def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+  """Writes pytorch-fid/ADM-compatible statistics (`mu`, `sigma`) plus the image count to a local
+  path or a URL (gs://...), atomically."""
+  paths.save_npz(path, mu=mu, sigma=sigma, num_images=np.int64(n))
 
 
-def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) from an .npz with `mu` and `sigma` (ours, pytorch-fid's, or ADM's reference
-  batches such as VIRTUAL_imagenet256_labeled.npz)."""
-  with np.load(path) as f:
-    if "mu" not in f or "sigma" not in f:
-      raise ValueError(f"{path}: FID statistics need arrays 'mu' and 'sigma', found {list(f.keys())}"
-                       " (for an ADM reference batch pass the .npz that contains them)")
-    return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+def load_stats(path) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) from an .npz (local path or URL) with `mu` and `sigma` (ours, pytorch-fid's, or
+  ADM's reference batches such as VIRTUAL_imagenet256_labeled.npz)."""
+  try:
+    f = paths.load_npz(path, keys=("mu", "sigma"))
+  except KeyError as e:
+    raise ValueError(f"FID statistics need arrays 'mu' and 'sigma': {e.args[0]} (for an ADM "
+                     "reference batch pass the .npz that contains them)") from None
+  return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import test_data_files as files
 
 def _cfg(**overrides):
   c = config_lib.data_config()
+  c.source = "demo"  # the default is ImageNet (TFDS), which tests do not have
   c.num_threads = 2
   c.read_buffer_size = 8
   for k, v in overrides.items():
@@ -274,19 +275,25 @@ def test_startup_errors_say_what_to_do(tmp_path):
                               process_index=0, process_count=3)
 
 
-def test_folder_layouts_labels_and_cached_file_list(tmp_path):
+def test_folder_layouts_labels_and_cached_file_list(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   jpg = files.encode(files.photo("coffee", (40, 30)))
   root = tmp_path / "classes"
   files.write_folder(str(root), {"b/2.jpg": jpg, "b/1.JPEG": jpg, "a/sub/3.png": jpg,
                                  "a/.hidden.jpg": jpg, "a/readme.txt": b"x"})
+  before = sorted(str(p) for p in root.rglob("*"))
   src = data_sources.FolderSource(str(root))
   assert [src[i]["name"] for i in range(len(src))] == ["a/sub/3.png", "b/1.JPEG", "b/2.jpg"]
   assert [src[i]["label"] for i in range(len(src))] == [0, 1, 1]
   assert src.classes == ("a", "b")
-  cache = root / ".softvq_filelist.json"
-  assert cache.exists()
+  # The list is cached in the user's cache directory, never inside the (maybe read-only) data.
+  cache = data_sources.filelist_cache_path(root)
+  assert str(cache).startswith(str(tmp_path / "xdg" / "softvq_jax" / "filelists"))
+  assert cache.exists() and sorted(str(p) for p in root.rglob("*")) == before
   # Cached list is reused; adding a file changes the class folder's mtime and forces a rescan.
-  assert len(data_sources.FolderSource(str(root))) == 3
+  with monkeypatch.context() as m:
+    m.setattr(data_sources, "_scan_folder", lambda r: pytest.fail("rescanned"))
+    assert len(data_sources.FolderSource(str(root))) == 3
   (root / "b" / "0.jpg").write_bytes(jpg)
   os.utime(root / "b", (1, 1))
   src = data_sources.FolderSource(str(root))

@@ -9,11 +9,11 @@ format, so a model trained here loads in the official PyTorch code (and back her
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import numpy as np
 
+from softvq_jax import paths
 from softvq_jax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from softvq_jax.convert.state_dict import export_state_dict, load_state_dict
 from softvq_jax.models.tokenizer import SoftVQTokenizer, TokenizerConfig
@@ -33,11 +33,13 @@ IGNORED_KEYS = (
 # the released files' 37-field Dec-2024 set). A file without it gets the constructor default 0.07.
 DEFAULT_TAU = 0.07
 
-_SIZE_BY_NAME = {"mini": "mini", "tiny": "T", "small": "S", "base": "B", "large": "L"}
-# "vit_mini" is ours (the CPU demo size); the official code only knows the timm names.
-_NAME_BY_SIZE = {"mini": "vit_mini_softvq", "T": "vit_tiny_patch16_224",
-                 "S": "vit_small_patch14_dinov2.lvd142m", "B": "vit_base_patch14_dinov2.lvd142m",
-                 "L": "vit_large_patch14_dinov2.lvd142m"}
+_SIZE_BY_NAME = {"micro": "micro", "mini": "mini", "tiny": "T", "small": "S", "base": "B",
+                 "large": "L"}
+# "vit_micro" / "vit_mini" are ours (the test and CPU demo sizes); the official code only knows
+# the timm names.
+_NAME_BY_SIZE = {"micro": "vit_micro_softvq", "mini": "vit_mini_softvq",
+                 "T": "vit_tiny_patch16_224", "S": "vit_small_patch14_dinov2.lvd142m",
+                 "B": "vit_base_patch14_dinov2.lvd142m", "L": "vit_large_patch14_dinov2.lvd142m"}
 
 # The field set of an official config.json (values: the published defaults) for export.
 _EXPORT_DEFAULTS = {
@@ -55,7 +57,7 @@ _EXPORT_DEFAULTS = {
 
 
 def _vit_size(field: str, name) -> str:
-  m = re.match(r"vit_(mini|tiny|small|base|large)_", str(name))
+  m = re.match(r"vit_(micro|mini|tiny|small|base|large)_", str(name))
   if not m:
     raise CheckpointError(f"config.json: {field}={name!r} is not a supported encoder/decoder "
                           "(supported: timm vit_tiny/small/base/large_* ViTs)")
@@ -113,32 +115,36 @@ def config_to_official(cfg: TokenizerConfig) -> dict:
   return dict(sorted(out.items()))
 
 
-def is_official_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, CONFIG_NAME))
-          and os.path.isfile(os.path.join(path, WEIGHTS_NAME)))
+def is_official_dir(path) -> bool:
+  """Whether `path` (local or URL) holds config.json + model.safetensors."""
+  path = paths.resolve(path)
+  return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
-def read_official_config(directory: str) -> TokenizerConfig:
-  path = os.path.join(directory, CONFIG_NAME)
+def read_official_config(directory) -> TokenizerConfig:
+  path = paths.resolve(directory) / CONFIG_NAME
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path}: cannot read the config ({e})") from None
   if not isinstance(raw, dict):
     raise CheckpointError(f"{path}: expected a JSON object")
-  return config_from_official(raw, source=path)
+  return config_from_official(raw, source=str(path))
 
 
-def load_official_weights(model: SoftVQTokenizer, directory: str) -> None:
-  """Strictly loads `model.safetensors` of an official-format directory into `model`."""
-  path = os.path.join(directory, WEIGHTS_NAME)
-  load_state_dict(model, read_safetensors(path), source=path, ignore=IGNORED_KEYS)
+def load_official_weights(model: SoftVQTokenizer, directory) -> None:
+  """Strictly loads `model.safetensors` of an official-format directory (local or URL) into
+  `model`."""
+  path = paths.resolve(directory) / WEIGHTS_NAME
+  load_state_dict(model, read_safetensors(path), source=str(path), ignore=IGNORED_KEYS)
 
 
-def export_official(model: SoftVQTokenizer, directory: str) -> None:
-  """Writes `config.json` + `model.safetensors` loadable by the official PyTorch code."""
-  os.makedirs(directory, exist_ok=True)
+def export_official(model: SoftVQTokenizer, directory) -> None:
+  """Writes `config.json` + `model.safetensors` (to a local folder or a URL) loadable by the
+  official PyTorch code. The weights are written first: a directory with a config.json is one
+  whose weights are complete."""
+  directory = paths.resolve(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   cfg = model.cfg
   sd = export_state_dict(model)
   dd = sd["decoder.model.norm.weight"].shape[0]
@@ -146,6 +152,5 @@ def export_official(model: SoftVQTokenizer, directory: str) -> None:
   # The official decoder owns an unused patch embedding; PyTorch's strict load wants it present.
   sd["decoder.model.patch_embed.proj.weight"] = np.zeros((dd, 3, p, p), np.float32)
   sd["decoder.model.patch_embed.proj.bias"] = np.zeros((dd,), np.float32)
-  write_safetensors(os.path.join(directory, WEIGHTS_NAME), sd, metadata={"format": "pt"})
-  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-    json.dump(config_to_official(cfg), f, indent=2)
+  write_safetensors(directory / WEIGHTS_NAME, sd, metadata={"format": "pt"})
+  paths.write_json(directory / CONFIG_NAME, config_to_official(cfg))

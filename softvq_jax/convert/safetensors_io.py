@@ -15,6 +15,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from softvq_jax import paths
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -29,49 +31,62 @@ class CheckpointError(ValueError):
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of a .safetensors file as NumPy arrays (copied out of a read-only mmap)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  """All tensors of a .safetensors file (local path or URL such as gs://) as NumPy arrays.
+
+  A local file is memory-mapped and each tensor copied out of it (no second copy of the whole
+  file); a remote file is read whole through etils.epath.
+  """
+  path = paths.resolve(path)
+  if not path.is_file():
     raise CheckpointError(f"{path}: no such file")
-  size = os.path.getsize(path)
+  if paths.is_url(path):
+    return _parse(path, memoryview(path.read_bytes()))
+  with open(path, "rb") as f:
+    if os.fstat(f.fileno()).st_size < 8:  # mmap refuses empty files: let _parse say why
+      return _parse(path, memoryview(f.read()))
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+      return _parse(path, mm)
+
+
+def _parse(path, buf) -> dict[str, np.ndarray]:
+  """Tensors of a whole safetensors file held in `buf` (bytes-like), copied out of it."""
+  size = len(buf)
   fix = "the file is damaged or incomplete; download or export it again"
   if size < 8:
     raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file; {fix}")
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    if header_len > size - 8:
-      raise CheckpointError(f"{path}: header length {header_len} exceeds the file size {size}; {fix}")
+  (header_len,) = struct.unpack("<Q", buf[:8])
+  if header_len > size - 8:
+    raise CheckpointError(f"{path}: header length {header_len} exceeds the file size {size}; {fix}")
+  try:
+    header = json.loads(bytes(buf[8:8 + header_len]))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: unreadable safetensors header ({e}); {fix}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: safetensors header is not a JSON object; {fix}")
+  data_start = 8 + header_len
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
     try:
-      header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{path}: unreadable safetensors header ({e}); {fix}") from None
-    if not isinstance(header, dict):
-      raise CheckpointError(f"{path}: safetensors header is not a JSON object; {fix}")
-    data_start = 8 + header_len
-    out = {}
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-      for name, info in header.items():
-        if name == "__metadata__":
-          continue
-        try:
-          dtype = _DTYPES[info["dtype"]]
-          shape = tuple(int(s) for s in info["shape"])
-          begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-          raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry {info!r}; "
-                                f"{fix}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize or data_start + end > size or begin < 0:
-          raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']}{list(shape)}) lies "
-                                f"outside the file's data (bytes {begin}..{end} of "
-                                f"{size - data_start}); {fix}")
-        out[name] = np.frombuffer(mm, dtype, count, data_start + begin).reshape(shape).copy()
+      dtype = _DTYPES[info["dtype"]]
+      shape = tuple(int(s) for s in info["shape"])
+      begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry {info!r}; "
+                            f"{fix}") from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - begin != count * dtype.itemsize or data_start + end > size or begin < 0:
+      raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']}{list(shape)}) lies "
+                            f"outside the file's data (bytes {begin}..{end} of "
+                            f"{size - data_start}); {fix}")
+    out[name] = np.frombuffer(buf, dtype, count, data_start + begin).reshape(shape).copy()
   return out
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
-  """Writes tensors (C order) to `path` atomically (temporary file + rename)."""
+  """Writes tensors (C order) to `path` (local or URL) atomically (`paths.atomic_write`)."""
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
     arr = np.ascontiguousarray(tensors[name])
@@ -85,10 +100,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-  tmp = os.fspath(path) + ".tmp"
-  with open(tmp, "wb") as f:
+  # Streamed tensor by tensor (a 600M-parameter model is 2.4 GB), atomically: see paths.
+  with paths.atomic_write(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for arr in arrays:
       f.write(arr.tobytes())
-  os.replace(tmp, path)
