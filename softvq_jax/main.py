@@ -34,7 +34,12 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+# Before anything can load TensorFlow (clu's TensorBoard writer) or libtpu: no native start-up
+# chatter (oneDNN notice, absl's "All log messages before absl::InitializeLog()..."); warnings stay.
+from softvq_jax import progress  # noqa: E402  (first: sets environment variables)
+progress.quiet_native_logs()
+
+from absl import app, flags, logging  # noqa: E402
 from etils import epath
 import ml_collections
 from ml_collections import config_flags
@@ -240,7 +245,8 @@ def _run(config) -> None:
   preflight.run(config, _WORKDIR.value, _MODE.value)
   if _MODE.value == "train":
     from softvq_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value,
+                             config_path=config_flags.get_config_filename(flags.FLAGS["config"]))
   elif _MODE.value == "reconstruct":
     reconstruct(config, _WORKDIR.value)
   elif _MODE.value == "eval":

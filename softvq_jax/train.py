@@ -9,12 +9,16 @@ CPU, 8 fake CPU devices, a GPU node, a GPU cluster or a TPU pod alike:
    created directly sharded by a jitted init;
 3. per step: next host batch -> global array over (data, fsdp) -> `train_step` (jitted with
    explicit in/out shardings, the state donated) -> metrics folded into a device-side window;
-4. every `log_every_steps`: window means to TensorBoard + stdout + `<workdir>/metrics.jsonl`
-   (process 0), images/s, step time, MFU; a NaN/Inf loss stops the run here naming the step,
-   before anything is saved, so the last checkpoint stays the last good one;
-5. every `image_every_steps`: input | EMA-reconstruction grids (PNG in `<workdir>/images`, and
-   TensorBoard); every `checkpoint_every_steps`, at the end and on SIGTERM / a preemption notice:
-   an async Orbax checkpoint.
+4. every `log_every_steps`: window means to TensorBoard + `<workdir>/metrics.jsonl` (process 0),
+   images/s, step time, MFU, and one progress line on stdout (step/total, images/s, ETA, the main
+   losses; softvq_jax/progress.py); a NaN/Inf loss stops the run here naming the step, before
+   anything is saved, so the last checkpoint stays the last good one;
+5. at step 0 (a fresh run), every `image_every_steps` and at the end: input | EMA-reconstruction
+   grids (PNG in `<workdir>/images`, and TensorBoard); every `checkpoint_every_steps`, at the end
+   and on SIGTERM / a preemption notice: an async Orbax checkpoint.
+
+The whole config goes to `<workdir>/config.json` (and TensorBoard's hparams); the last log lines
+say where the outputs are and how to evaluate and load the tokenizer.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from softvq_jax import checkpoint as ckpt_lib
-from softvq_jax import config_lib, data, optim, sharding, steps, visualize
+from softvq_jax import config_lib, data, optim, progress, sharding, steps, visualize
 from softvq_jax import objective as objective_lib
 from softvq_jax.models.tokenizer import TokenizerConfig
 from softvq_jax.train_state import (TrainState, abstract_train_state, init_train_state,
@@ -213,18 +217,20 @@ def build_trainer(config, mesh: Mesh, *, grad_accum_steps: int | None = None) ->
                  objective=obj, load_frozen_fn=load_frozen)
 
 
-def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = None) -> TrainState:
+def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = None,
+                       config_path: str | None = None) -> TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
 
   train_iter: a replacement for the configured input pipeline (tests); it must yield host batches
   {"image": [B_local, S, S, 3]} and, for exact resume, be a Grain iterator.
+  config_path: the config file the run came from, only to print the follow-up commands.
   """
+  run_start = time.time()
   config_lib.validate(config)
   workdir = ckpt_lib.absolute_workdir(workdir)  # a str: local (absolute) path or gs:// / s3:// URL
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = progress.metric_writer(workdir, is_main=is_main)
 
   mesh = sharding.create_mesh(config.mesh_shape)
   trainer = build_trainer(config, mesh)
@@ -261,9 +267,11 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   new_window = jax.jit(functools.partial(steps.init_accumulator, metrics_shape), out_shardings=rep)
 
   # FLOPs of the whole global batch in one pass (a scan over micro-batches would count once).
-  flops = train_step_flops(build_trainer(config, mesh, grad_accum_steps=1).step_fn, abstract,
-                           abstract_batch)
+  # Only where MFU can be reported: the extra lowering costs ~40 s on a loaded 2-core CPU (measured
+  # with the demo), whose peak is unknown.
   peak = peak_flops_per_device(config)
+  flops = (train_step_flops(build_trainer(config, mesh, grad_accum_steps=1).step_fn, abstract,
+                            abstract_batch) if peak else None)
 
   # The same images on every process, as one replicated global array (multi-host safe).
   grid_inputs = jax.make_array_from_process_local_data(
@@ -285,8 +293,15 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
     from softvq_jax import evaluate  # pylint: disable=import-outside-toplevel
     evaluator = evaluate.Evaluator(config, mesh, graphdef, workdir)
 
+  last_eval = {}
+
   def run_eval(step: int, state: TrainState):
     result = evaluator(state.ema_params, num_images=config.eval.in_loop_num_images)
+    last_eval.clear()
+    last_eval.update(result)
+    logging.info("evaluation at step %d (EMA weights, %d images): %s", step,
+                 config.eval.in_loop_num_images,
+                 ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.items())))
     if is_main:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
       writer.write_images(step, {"eval/input_vs_ema": evaluator.last_grid[None]})
@@ -316,12 +331,13 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
     logging.info("model %s: %.2fM parameters; mesh %s; global batch %d (%d per process); "
                  "steps %d -> %d", cfg, n_params / 1e6, dict(mesh.shape), config.batch_size,
                  config.batch_size // jax.process_count(), start_step, total_steps)
+    logging.info("hyperparameters: %s", progress.write_hparams(workdir, config_json))
     if start_step == 0:
       writer.write_hparams({k: v for k, v in _flatten(config_json).items()
                             if isinstance(v, (int, float, str, bool))})
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
-      every_secs=None)
+  progress_line = progress.ProgressLine(total_steps, config.batch_size)
+  if start_step == 0:  # "before": what the untrained tokenizer makes of the grid images
+    write_grid(0, state)
   preemption = _Preemption(checkpointer)
   acc = new_window()
   window_start, window_step = time.time(), start_step
@@ -334,7 +350,6 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
       state, m = p_step(state, batch)
       acc = p_accumulate(acc, m)
       step += 1
-      report_progress(step)
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or step == total_steps or preempted:
         check_finite(acc)
@@ -352,6 +367,7 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
           writer.write_scalars(step, summary)
           with epath.Path(metrics_path).open("a") as f:
             f.write(json.dumps(dict(step=step, **summary)) + "\n")
+          logging.info("%s", progress_line(step, summary, n, elapsed))
         acc = new_window()
         window_start, window_step = time.time(), step
       if step % config.image_every_steps == 0 or step == total_steps:
@@ -369,6 +385,10 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
     preemption.restore()
     checkpointer.close()
     writer.flush()
+  if is_main and step >= total_steps:
+    logging.info("%s", progress.outputs_message(
+        workdir, step=step, minutes=(time.time() - run_start) / 60, config_path=config_path,
+        eval_result=last_eval))
   return state
 
 

@@ -57,7 +57,10 @@ def tiny_config():
   config.model.codebook_embed_dim = 16
   config.batch_size = 8
   config.num_train_steps = 100
+  config.log_every_steps = 50
   config.optim.warmup_steps = 2
+  config.optim.lr = 2e-3
+  config.optim.ema_decay = 0.99
   config.num_grid_images = 2
   config.data.demo_train_size = 64
   config.data.demo_eval_size = 8
@@ -65,6 +68,7 @@ def tiny_config():
   # the full objective, active from the first steps (GAN from step 2)
   config.disc.img_size = 32
   config.loss.disc_start = 2
+  config.loss.perceptual_weight = 1.0  # the demo turns LPIPS off; the tests keep all terms
   config.loss.perceptual_warmup_steps = 4
   config.eval.every_steps = 0  # the in-loop evaluation has its own tests
   return config
