@@ -23,3 +23,22 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def compiled_memory(compiled) -> dict | None:
+  """Bytes XLA plans for one compiled program (arguments, outputs, temporaries): a per-program
+  figure that the process-wide allocator peak cannot give, and the only one on the CPU (whose
+  backend keeps no allocator statistics). None where the backend offers no analysis."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # optional on some backends
+    return None
+  if m is None:
+    return None
+  out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                          "alias_size_in_bytes", "temp_size_in_bytes",
+                                          "generated_code_size_in_bytes") if hasattr(m, k)}
+  # Donated (aliased) arguments are reused for outputs, so they are not counted twice.
+  out["total_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                        - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
+  return out

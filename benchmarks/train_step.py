@@ -72,7 +72,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_util import cpu_model, model_name  # noqa: E402
+from bench_util import compiled_memory, cpu_model, model_name  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
@@ -443,6 +443,7 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
                    "torch": torch.__version__, "timm": timm.__version__},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "jax_compile_s": round(compile_s, 2),
+      "jax_memory_analysis": compiled_memory(p_step),
       "step_gflop": None if flops is None else round(flops / 1e9, 3),
       "peak_flops_per_device": peak,
       "parity_first_step": parity,
@@ -527,6 +528,7 @@ def run_objective(config, *, variants=VARIANTS, repeats: int = 3, steps_per_wind
     obj = trainer.objective
     return {"p_step": p_step, "state": state, "batch": batch, "flops": flops,
             "compile_s": compile_s, "init_s": init_s, "first_metrics": first,
+            "memory_analysis": compiled_memory(p_step),
             "terms": {"perceptual": bool(obj and obj.perceptual), "repa": bool(obj and obj.repa),
                       "gan": bool(obj and obj.gan)},
             "weights": {k: float(vc.loss[w]) for k, w in NETWORK_WEIGHTS.items()}}
@@ -567,6 +569,7 @@ def run_objective(config, *, variants=VARIANTS, repeats: int = 3, steps_per_wind
            "step_time_s_windows": [round(x, 5) for x in t],
            "compile_s": round(r["compile_s"], 2), "init_s": round(r["init_s"], 2),
            "step_gflop": None if r["flops"] is None else round(r["flops"] / 1e9, 3),
+           "memory_analysis": r["memory_analysis"],
            "terms": r["terms"], "weights": r["weights"], "loadavg_1m": loads[v],
            "first_step_metrics": r["first_metrics"]}
     if r["flops"]:
