@@ -23,7 +23,7 @@ import contextlib
 import io
 import json
 import os
-import tempfile
+import uuid
 from typing import Any, Iterator, Union
 
 from etils import epath
@@ -56,19 +56,27 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
 
   Local: writes `<dir>/.<name>.tmp.*` and renames it over `path` when the block ends without an
   error (the temporary file is removed otherwise). URL: object stores publish an object only when
-  its upload is complete, so the file is opened in place. Parent folders are created.
+  its upload is finalised (a killed writer leaves nothing), so the file is written in place; if
+  the block raises, the object its closing finalised is deleted. Parent folders are created.
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"atomic_write supports modes 'w' and 'wb', got {mode!r}")
   path = resolve(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if is_url(path):
-    with path.open(mode) as f:
-      yield f
+    try:
+      with path.open(mode) as f:
+        yield f
+    except BaseException:
+      with contextlib.suppress(Exception):
+        path.unlink(missing_ok=True)
+      raise
     return
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.tmp.")
+  # A fresh name opened exclusively, with the default permissions (umask applied): a cache or an
+  # exported model on a shared disk stays readable by others (mkstemp would make it 0600).
+  tmp = os.path.join(os.fspath(path.parent), f".{path.name}.tmp.{uuid.uuid4().hex}")
   try:
-    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       yield f
     os.replace(tmp, os.fspath(path))
   except BaseException:

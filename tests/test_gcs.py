@@ -240,3 +240,21 @@ def test_a_reader_without_gcs_support_is_a_start_up_error(gcs_tfds, monkeypatch)
   monkeypatch.setattr(ards.array_record_module, "ArrayRecordReader", local_only)
   with pytest.raises(data.DataSourceError, match="array-record .* must support this URL scheme"):
     data.make_source(gcs_tfds[0], "train")
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_atomic_write_leaves_nothing_behind_on_error(gcs, tmp_path, where):
+  from softvq_jax import paths  # pylint: disable=import-outside-toplevel
+  target = f"{BUCKET}/atomic/a.json" if where == "gs" else str(tmp_path / "atomic" / "a.json")
+  local_dir = os.path.dirname(fake_gcs.local_path(gcs, target) if where == "gs" else target)
+  with pytest.raises(RuntimeError, match="disk full"):
+    with paths.atomic_write(target, "w") as f:
+      f.write("{half")
+      raise RuntimeError("disk full")
+  assert os.listdir(local_dir) == []
+  paths.write_json(target, {"ok": 1})
+  assert paths.read_json(target) == {"ok": 1} and os.listdir(local_dir) == ["a.json"]
+  if where == "local":  # the default permissions (umask), not a temporary file's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask

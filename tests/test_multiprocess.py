@@ -202,6 +202,61 @@ def test_two_process_cpu_training_matches_one_process_and_resumes_after_kill_9(t
     ref_log.close()
 
 
+def test_two_process_eval_with_a_fid_cache_only_process_0_sees(tmp_path):
+  """Hosts that share no file system: the workdir is gs://bucket/run, which each process reads
+  from a folder of its own (tests/fake_gcs.py), and only process 0's holds the cached real FID
+  statistics. Process 0 must decide for all: when each process decided by itself, process 1 ran
+  the real images' Inception pass that process 0 skipped, and the mismatched collectives hung.
+  Both processes must report the same numbers, computed with process 0's cache."""
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from softvq_jax import evaluate, metrics  # pylint: disable=import-outside-toplevel
+  from softvq_jax.convert import official  # pylint: disable=import-outside-toplevel
+  from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  tokenizer_dir = tmp_path / "tokenizer"  # a random tiny tokenizer, on a disk both processes see
+  official.export_official(build_tokenizer(TokenizerConfig.from_config(config), seed=0),
+                           str(tokenizer_dir))
+  gcs = tmp_path / "gcs"  # gs://bucket/x is gcs/p<process>/bucket/x
+  name = evaluate.fid_stats_name(config.data, split=config.data.eval_split,
+                                 image_size=config.image_size, num_images=8, random_inception=True)
+  cache = gcs / "p0" / "bucket" / "run" / "fid_stats" / name
+  # Far from any Inception features (mean 100 in every dimension), so its use shows in the rFID.
+  metrics.save_stats(str(cache), np.full((2048,), 100.0), np.eye(2048), 8)
+  cache_bytes = cache.read_bytes()
+  python = tmp_path / "python_with_fake_gcs"
+  python.write_text(f"#!/usr/bin/env bash\nexec {sys.executable} "
+                    f"{os.path.join(ROOT, 'tests', 'fake_gcs.py')} \"$@\"\n")
+  python.chmod(0o755)
+  cmd = (["bash", os.path.join(ROOT, "launch", "local_cpu.sh"), f"--num-processes={NPROC}",
+          f"--devices-per-process={DEVICES_PER_PROC}", f"--port={_free_port()}",
+          f"--log-dir={tmp_path / 'logs'}", f"--python={python}", "--",
+          "--workdir=gs://bucket/run", "--mode=eval", f"--checkpoint={tokenizer_dir}"]
+         # (the config by absolute path: the processes run in tmp_path, where a stray local
+         # `gs:` directory would show)
+         + [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}"] + _config_flags()[1:]
+         + ["--config.eval.batch_size=8", "--config.eval.num_images=8",
+            "--config.pretrained.allow_random_init=True"])
+  proc = subprocess.run(cmd, cwd=tmp_path, env=dict(_env(tmp_path), FAKE_GCS_ROOT=str(gcs)),
+                        capture_output=True, text=True, timeout=600)
+  logs = [(tmp_path / "logs" / f"process_{p}.log").read_text() for p in range(NPROC)]
+  assert proc.returncode == 0, proc.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+  results = []
+  for log in logs:
+    result = json.loads([l for l in log.splitlines() if l.startswith("{")][-1])
+    for timing in ("eval_seconds", "images_per_s"):
+      del result[timing]
+    results.append(result)
+  assert results[0] == results[1], "the processes report different numbers"
+  assert results[0]["num_images"] == 8
+  assert results[0]["rfid_random_inception"] > 1e6, "process 0's cached statistics were not used"
+  assert cache.read_bytes() == cache_bytes
+  assert not (gcs / "p1" / "bucket" / "run" / "fid_stats").exists()
+  assert sorted(os.listdir(gcs / "p0" / "bucket" / "run" / "eval")) == [
+      "eval_validation_8.json", "eval_validation_8.png"]  # written by process 0 only
+  assert not (gcs / "p1" / "bucket" / "run" / "eval").exists()
+  assert not (tmp_path / "gs:").exists()
+
+
 def test_each_process_reads_a_disjoint_shard():
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
   from softvq_jax import data  # pylint: disable=import-outside-toplevel
