@@ -33,6 +33,8 @@ from absl import logging
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from softvq_jax import paths
@@ -160,6 +162,39 @@ def resolve_step_dir(path: str) -> str | None:
     if steps:
       return str(root / str(max(steps)))
   return None
+
+
+def agreed_source(source: str) -> str:
+  """The tokenizer source that every process of a run loads (`--mode=eval/stats/extract`): a
+  workdir or checkpoints/ directory of ours becomes its newest complete step directory as process
+  0 sees it; anything else (an official-format directory, a hub id) is returned unchanged.
+
+  Why: processes that each resolved "the newest checkpoint" themselves could pick different steps
+  while a training job is still adding them, or when their views of the storage differ, and would
+  then evaluate different weights without noticing.
+  """
+  from softvq_jax.convert import official  # pylint: disable=import-outside-toplevel
+  chosen = ""
+  if jax.process_index() == 0:
+    path = paths.resolve(source)
+    try:
+      if (paths.is_url(source) or path.exists()) and path.is_dir() and \
+          not official.is_official_dir(path):
+        chosen = resolve_step_dir(path) or ""
+    except OSError as e:  # every process then tries `source` itself and reports the problem
+      logging.warning("cannot list %s (%s)", path, e)
+  return _str_from_process_0(chosen) or source
+
+
+def _str_from_process_0(text: str, max_bytes: int = 4096) -> str:
+  """Process 0's `text` on every process (a fixed-size byte buffer through a broadcast)."""
+  raw = text.encode()
+  if len(raw) > max_bytes:
+    raise ValueError(f"path too long to share between processes ({len(raw)} > {max_bytes} bytes)")
+  buf = np.zeros((max_bytes,), np.uint8)
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
+  return bytes(buf).rstrip(b"\0").decode()
 
 
 def restore_ema(step_dir: str, abstract_params):

@@ -75,8 +75,8 @@ def _encode_fn(tok_graphdef, *, flip: bool):
 
 
 def _load(config, workdir: str, checkpoint: str | None):
-  from softvq_jax import api  # pylint: disable=import-outside-toplevel
-  source = checkpoint or workdir
+  from softvq_jax import api, checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  source = ckpt_lib.agreed_source(checkpoint or workdir)  # the same step on every process
   tok = api.load_tokenizer(source, compute_dtype=config.model.compute_dtype)
   if tok.config.image_size != config.image_size:
     raise ValueError(f"the tokenizer in {source} is for {tok.config.image_size} px but "
@@ -129,7 +129,7 @@ def compute_latent_stats(config, workdir: str, checkpoint: str | None = None) ->
   if jax.process_index() == 0:
     paths.write_json(stats_json, result)
     if checkpoint is None:
-      write_stats_to_checkpoint(workdir, result)
+      write_stats_to_checkpoint(source, result)  # the step directory the tokens came from
     else:
       logging.info("%s is not a checkpoint of ours: statistics written to %s only (for an "
                    "official-format directory, edit vq_mean / vq_std in its config.json)", source,
@@ -140,8 +140,9 @@ def compute_latent_stats(config, workdir: str, checkpoint: str | None = None) ->
 
 
 def write_stats_to_checkpoint(workdir: str, stats: dict[str, Any]) -> str:
-  """Puts vq_mean / vq_std (and the per-channel statistics) into the newest checkpoint's metadata
-  item, which `api.load_tokenizer(workdir)` reads. Returns the step directory."""
+  """Puts vq_mean / vq_std (and the per-channel statistics) into the metadata item of `workdir`'s
+  newest checkpoint (or of `workdir` itself, a step directory), which `api.load_tokenizer` reads.
+  Returns the step directory."""
   from softvq_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   step_dir = ckpt_lib.resolve_step_dir(workdir)
   if step_dir is None:

@@ -134,7 +134,7 @@ def test_train_eval_stats_extract_on_gs_from_a_read_only_folder(gcs, tmp_path, m
   assert first["num_images"] == second["num_images"] == 8
   for k in ("rfid_random_inception", "psnr", "ssim", "lpips_random_vgg"):
     assert abs(first[k] - second[k]) <= 1e-9 * max(1.0, abs(first[k])), k
-  assert first["checkpoint"] == run
+  assert first["checkpoint"] == f"{run}/checkpoints/2"  # the step chosen by process 0
   assert sorted(os.listdir(os.path.join(run_dir, "eval"))) == [
       "eval_validation_8.json", "eval_validation_8.png"]
 
