@@ -34,7 +34,7 @@ from softvq_jax import config_lib, losses, pretrained
 from softvq_jax.diffaugment import diff_augment
 from softvq_jax.models import discriminator as disc_lib
 from softvq_jax.models import repa as repa_lib
-from softvq_jax.models.vit import trace_friendly_rngs
+from softvq_jax.models.vit import shape_only_rngs
 from softvq_jax.models.lpips import LPIPS
 
 Array = jax.Array
@@ -83,22 +83,22 @@ def build_objective(config) -> Objective:
   obj = dict(loss_config=lc, perceptual=lc.perceptual_weight > 0, gan=lc.gan_weight > 0,
              repa=lc.repa_weight > 0, compute_dtype=dtype)
   if obj["perceptual"]:
-    obj["lpips_graphdef"] = nnx.split(nnx.eval_shape(lambda: LPIPS(rngs=trace_friendly_rngs(0),
+    obj["lpips_graphdef"] = nnx.split(nnx.eval_shape(lambda: LPIPS(rngs=shape_only_rngs(0),
                                                                    dtype=dtype)))[0]
   if obj["gan"]:
     kw = _disc_kwargs(config)
-    abstract = nnx.eval_shape(lambda: disc_lib.DinoDiscriminator(rngs=trace_friendly_rngs(0), **kw))
+    abstract = nnx.eval_shape(lambda: disc_lib.DinoDiscriminator(rngs=shape_only_rngs(0), **kw))
     obj["disc_graphdef"] = disc_lib.split_discriminator(abstract)[0]
     obj["disc_kwargs"] = tuple(sorted(kw.items()))
   if obj["repa"]:
     tkw = _teacher_kwargs(config)
-    teacher = nnx.eval_shape(lambda: repa_lib.build_repa_teacher(rngs=trace_friendly_rngs(0), **tkw))
+    teacher = nnx.eval_shape(lambda: repa_lib.build_repa_teacher(rngs=shape_only_rngs(0), **tkw))
     obj["teacher_graphdef"] = nnx.split(teacher)[0]
     obj["teacher_kwargs"] = tuple(sorted(tkw.items()))
     pkw = dict(in_dim=config.model.codebook_embed_dim, hidden_dim=config.repa.hidden_dim,
                out_dim=teacher.width)
     obj["proj_graphdef"] = nnx.split(nnx.eval_shape(
-        lambda: repa_lib.REPAProjector(rngs=trace_friendly_rngs(0), **pkw)))[0]
+        lambda: repa_lib.REPAProjector(rngs=shape_only_rngs(0), **pkw)))[0]
     obj["proj_kwargs"] = tuple(sorted(pkw.items()))
   return Objective(**obj)
 
@@ -108,10 +108,10 @@ def init_trainable(obj: Objective, seed: int) -> dict[str, Any]:
   head params and state, LeCam EMAs. Parts of terms that are off are None."""
   out = {"proj_params": None, "disc_params": None, "disc_state": None, "lecam": None}
   if obj.repa:
-    proj = repa_lib.REPAProjector(rngs=trace_friendly_rngs(seed + 1), **dict(obj.proj_kwargs))
+    proj = repa_lib.REPAProjector(rngs=nnx.Rngs(seed + 1), **dict(obj.proj_kwargs))
     out["proj_params"] = nnx.state(proj, nnx.Param)
   if obj.gan:
-    disc = disc_lib.DinoDiscriminator(rngs=trace_friendly_rngs(seed + 2), **dict(obj.disc_kwargs))
+    disc = disc_lib.DinoDiscriminator(rngs=nnx.Rngs(seed + 2), **dict(obj.disc_kwargs))
     _, _, params, state = disc_lib.split_discriminator(disc)  # the backbone's init is dropped
     out["disc_params"], out["disc_state"] = params, state
     out["lecam"] = losses.lecam_init()
@@ -144,14 +144,14 @@ def abstract_frozen(obj: Objective) -> dict[str, Any] | None:
     return None
   out = {}
   if obj.perceptual:
-    out["lpips"] = nnx.state(nnx.eval_shape(lambda: LPIPS(rngs=trace_friendly_rngs(0),
+    out["lpips"] = nnx.state(nnx.eval_shape(lambda: LPIPS(rngs=shape_only_rngs(0),
                                                           dtype=obj.compute_dtype)))
   if obj.gan:
     out["dino"] = disc_lib.split_discriminator(nnx.eval_shape(
-        lambda: disc_lib.DinoDiscriminator(rngs=trace_friendly_rngs(0), **dict(obj.disc_kwargs))))[1]
+        lambda: disc_lib.DinoDiscriminator(rngs=shape_only_rngs(0), **dict(obj.disc_kwargs))))[1]
   if obj.repa:
     out["teacher"] = nnx.state(nnx.eval_shape(
-        lambda: repa_lib.build_repa_teacher(rngs=trace_friendly_rngs(0), **dict(obj.teacher_kwargs))))
+        lambda: repa_lib.build_repa_teacher(rngs=shape_only_rngs(0), **dict(obj.teacher_kwargs))))
   return out
 
 

@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 
 from softvq_jax import sharding
 from softvq_jax.models.tokenizer import SoftVQTokenizer, TokenizerConfig, abstract_tokenizer
-from softvq_jax.models.vit import trace_friendly_rngs
 
 
 @flax.struct.dataclass
@@ -66,7 +65,7 @@ def init_train_state(cfg: TokenizerConfig, tx: optax.GradientTransformation, see
   projector, the discriminator heads/state and the LeCam EMAs are created too; `frozen` stays
   None (the loop attaches the loaded networks).
   """
-  _, params = split_model(SoftVQTokenizer(cfg, rngs=trace_friendly_rngs(seed)))
+  _, params = split_model(SoftVQTokenizer(cfg, rngs=nnx.Rngs(seed)))
   if rng is None:
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
   extra = {}

@@ -28,7 +28,7 @@ from flax import nnx
 from softvq_jax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from softvq_jax.convert import state_dict as state_dict_lib
 from softvq_jax.models.lpips import LPIPS, VGG16_STAGES
-from softvq_jax.models.vit import trace_friendly_rngs
+from softvq_jax.models.vit import shape_only_rngs
 
 # torchvision `features` index of each 3x3 convolution (ReLUs and max-pools sit between them).
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -145,7 +145,7 @@ def shipped_heads_path() -> str:
 
 def _abstract_lpips(dtype) -> LPIPS:
   """An LPIPS whose parameters are shapes only: the loaders fill every one (strictly)."""
-  return nnx.eval_shape(lambda: LPIPS(rngs=trace_friendly_rngs(0), dtype=dtype))
+  return nnx.eval_shape(lambda: LPIPS(rngs=shape_only_rngs(0), dtype=dtype))
 
 
 def load_lpips(vgg_path: str | os.PathLike, heads_path: str | os.PathLike | None = None, *,

@@ -39,8 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softvq_jax.models.vit import trace_friendly_rngs
-
 Array = jax.Array
 
 INPUT_SIZE = 299       # pytorch-fid resizes every input to 299x299
@@ -313,7 +311,7 @@ class FIDInception(nnx.Module):
   """
 
   def __init__(self, *, dtype=jnp.float32, precision=None, rngs: nnx.Rngs | None = None):
-    rngs = rngs if rngs is not None else trace_friendly_rngs(0)
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.dtype = jnp.dtype(dtype)
     self.precision = precision
     self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2, rngs=rngs)

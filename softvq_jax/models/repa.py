@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softvq_jax.models.vit import (VIT_SIZES, Dense, VisionTransformer, make_param,
-                                   trace_friendly_rngs)
+from softvq_jax.models.vit import VIT_SIZES, Dense, VisionTransformer, make_param
 
 Array = jax.Array
 
@@ -113,7 +112,7 @@ def load_repa_teacher(path_or_state_dict: str | Mapping, size: str = "L", img_si
   from softvq_jax.convert import timm_vit  # pylint: disable=import-outside-toplevel
   model = build_repa_teacher(size, img_size, patch_size, depth=depth,
                              attention_backend=attention_backend,
-                             rngs=rngs if rngs is not None else trace_friendly_rngs(0))
+                             rngs=rngs if rngs is not None else nnx.Rngs(0))
   if isinstance(path_or_state_dict, Mapping):
     timm_vit.load_timm_vit(model, path_or_state_dict, source="REPA teacher state dict")
   else:

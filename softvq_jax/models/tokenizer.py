@@ -20,7 +20,7 @@ from flax import nnx
 
 from softvq_jax.models import quantizer as quantizer_lib
 from softvq_jax.models.vit import (VIT_SIZES, Dense, VisionTransformer, make_param, normal_02,
-                                   trace_friendly_rngs, trunc_normal_02, unpatchify)
+                                   shape_only_rngs, trunc_normal_02, unpatchify)
 
 Array = jax.Array
 
@@ -178,12 +178,12 @@ class SoftVQTokenizer(nnx.Module):
 
 
 def build_tokenizer(cfg: TokenizerConfig, seed: int = 0) -> SoftVQTokenizer:
-  return SoftVQTokenizer(cfg, rngs=trace_friendly_rngs(seed))
+  return SoftVQTokenizer(cfg, rngs=nnx.Rngs(seed))
 
 
 def abstract_tokenizer(cfg: TokenizerConfig) -> SoftVQTokenizer:
   """Shape-only model (no memory, no FLOPs): for parameter counts and sharding plans."""
-  return nnx.eval_shape(lambda: SoftVQTokenizer(cfg, rngs=trace_friendly_rngs(0)))
+  return nnx.eval_shape(lambda: SoftVQTokenizer(cfg, rngs=shape_only_rngs(0)))
 
 
 def count_params(module: nnx.Module) -> int:

@@ -36,16 +36,17 @@ VIT_SIZES = {
 }
 
 
-def trace_friendly_rngs(seed: int = 0) -> nnx.Rngs:
-  """`nnx.Rngs(seed)` with its counter kept as a host (NumPy) value: the same keys, cheap to trace.
+def shape_only_rngs(seed: int = 0) -> nnx.Rngs:
+  """An `nnx.Rngs` for `nnx.eval_shape` constructions only (shapes, graphdefs, sharding plans).
 
-  Under `nnx.eval_shape` / `jax.jit`, every `rngs.params()` of a plain `nnx.Rngs` writes a traced
-  counter back into a Variable, and flax's write path then asks the tracer for `.sharding`, which
-  JAX answers by walking the whole trace to build an error message — quadratic in the number of
-  parameters (measured: 22 s of 25 s to shape-evaluate SoftVQ-B on a loaded 2-core CPU; 3 s with
-  this). A host counter is incremented in Python while tracing, so the keys are the same
-  fold_in(key, 0), fold_in(key, 1), ... constants and nothing is written back as a tracer. Only for
-  constructing modules (they do not keep the Rngs).
+  Under `nnx.eval_shape` every `rngs.params()` of a plain `nnx.Rngs` writes a traced counter back
+  into a Variable, and flax's write path then asks the tracer for `.sharding`, which JAX answers
+  by walking the whole trace to build an error message: quadratic in the number of parameters
+  (measured: 22 s of 25 s to shape-evaluate SoftVQ-B on a loaded 2-core CPU; 3 s with this).
+  Here the counter is a host (NumPy) array incremented in place while tracing. Never use it under
+  `jax.jit` or anywhere values matter: the traced random ops capture that mutable array by
+  reference, so every parameter would see the counter's final value (measured: different
+  initial weights). Eager construction and jitted initialisation use `nnx.Rngs`.
   """
   rngs = nnx.Rngs(seed)
   rngs.params.count.set_raw_value(np.zeros((), np.uint32))
