@@ -20,6 +20,7 @@ offline).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -73,6 +74,15 @@ class Tokenizer:
     normalize=True returns (tokens - vq_mean) / vq_std, the scale generators are trained on.
     """
     z = self._encode(self._state, self._images(images))
+    if normalize and (self.config.vq_mean, self.config.vq_std) == (0.0, 1.0) and not getattr(
+        self, "_warned_unnormalised", False):
+      # The classic silent failure: a generator trained on latents nobody normalised.
+      self._warned_unnormalised = True
+      logging.warning(
+          "encode(normalize=True): this tokenizer's latent statistics are the defaults "
+          "(vq_mean=0, vq_std=1), so nothing is normalised. Measure them with `python -m "
+          "softvq_jax.main --mode=stats --config=... --workdir=<its workdir>` (they are then "
+          "stored in the checkpoint) or load a checkpoint that has them.")
     return self.normalize(z) if normalize else z
 
   def decode(self, tokens, *, denormalize: bool = False) -> jax.Array:
@@ -191,5 +201,6 @@ def _download(hub_id: str, revision: str | None) -> str:
   except Exception as e:  # network errors, missing repos, gated repos: one clear message
     raise CheckpointError(
         f"could not get {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, "
-        f"download it once elsewhere (huggingface-cli download {hub_id}) and pass the local "
+        f"download it once elsewhere (`hf download {hub_id}`, the CLI of huggingface_hub >= 1.0) "
+        "and pass the local "
         "directory instead") from None

@@ -332,9 +332,9 @@ class TfdsSource:
       raise DataSourceError(
           f"config.data.source=tfds needs tensorflow-datasets ({e}); pip install "
           "tensorflow-datasets array-record") from e
-    if not data_dir:
-      raise DataSourceError("config.data.source=tfds needs config.data.path=<TFDS data_dir>. "
-                            + _TFDS_HOWTO.format(name=name, data_dir="<data_dir>"))
+    # "" = TFDS's own default: $TFDS_DATA_DIR, else ~/tensorflow_datasets (as preflight.py checks).
+    data_dir = (data_dir or os.environ.get("TFDS_DATA_DIR", "")
+                or os.path.expanduser("~/tensorflow_datasets"))
     data_path = paths.resolve(data_dir)  # local, or gs://... (TFDS and Orbax use epath too)
     data_dir = str(data_path)
     howto = _TFDS_HOWTO.format(name=name, data_dir=data_dir)

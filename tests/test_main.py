@@ -50,6 +50,8 @@ _TRAIN_FLAGS = [
     "--config.image_every_steps=8", "--config.num_grid_images=2", "--config.data.num_threads=2",
     # the demo's full objective (LPIPS, REPA, GAN + LeCam + CR), the GAN active from step 2
     "--config.loss.disc_start=2", "--config.loss.perceptual_warmup_steps=4",
+    "--config.loss.perceptual_weight=1.0", "--config.loss.perceptual_dropout=0.0",
+    "--config.optim.lr=0.002", "--config.optim.ema_decay=0.99",
     "--config.eval.every_steps=0",
 ]
 

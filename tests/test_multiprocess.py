@@ -46,6 +46,11 @@ def _config_flags():
     for part in key.split("."):
       value = value[part]
     out.append(f"--config.{key}={value}")
+  # The objective and optimizer of the tests' configuration, pinned (the demo's own schedule is
+  # sized for its run): LPIPS on without dropout, GAN computed but not yet active.
+  out += ["--config.optim.lr=0.002", "--config.optim.ema_decay=0.99",
+          "--config.loss.perceptual_weight=1.0", "--config.loss.perceptual_dropout=0.0",
+          "--config.loss.perceptual_warmup_steps=100", "--config.loss.disc_start=300"]
   return out + [f"--config.num_train_steps={STEPS}", f"--config.log_every_steps={LOG_EVERY}",
                 f"--config.checkpoint_every_steps={CKPT_EVERY}",
                 f"--config.image_every_steps={CKPT_EVERY}", "--config.keep_checkpoints=3"]

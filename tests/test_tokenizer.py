@@ -372,3 +372,17 @@ def test_bad_paths_are_explained(tmp_path):
     softvq_jax.load_tokenizer(str(tmp_path))
   with pytest.raises(CheckpointError, match="not a hub id"):
     softvq_jax.load_tokenizer(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_normalize_with_default_statistics_warns_once(tmp_path, caplog):
+  """encode(normalize=True) on a tokenizer whose vq_mean / vq_std are the defaults (0, 1) says
+  once that nothing is normalised and how to measure the statistics."""
+  tok = softvq_jax.load_tokenizer(str(_mini_dir(tmp_path, image_size=32)), compute_dtype="float32")
+  assert (tok.config.vq_mean, tok.config.vq_std) == (0.0, 1.0)
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  with caplog.at_level("WARNING"):
+    tok.encode(x, normalize=True)
+    tok.encode(x, normalize=True)
+    tok.encode(x)
+  warnings_ = [r for r in caplog.records if "nothing is normalised" in r.getMessage()]
+  assert len(warnings_) == 1 and "--mode=stats" in warnings_[0].getMessage()
