@@ -234,7 +234,6 @@ def test_shellcheck_clean():
 
 
 def test_distributed_args_from_env(monkeypatch):
-  from absl import app  # pylint: disable=import-outside-toplevel
   from softvq_jax import main  # pylint: disable=import-outside-toplevel
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
               "JAX_LOCAL_DEVICE_IDS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
@@ -250,7 +249,7 @@ def test_distributed_args_from_env(monkeypatch):
       "local_device_ids": [1]}
   assert main._is_multiprocess_environment()  # pylint: disable=protected-access
   monkeypatch.delenv("JAX_PROCESS_ID")
-  with pytest.raises(app.UsageError, match="JAX_PROCESS_ID"):
+  with pytest.raises(main.UserError, match="JAX_PROCESS_ID"):  # a one-line error, exit 2
     main._distributed_args_from_env()  # pylint: disable=protected-access
 
 
