@@ -77,7 +77,8 @@ def data_config():
       prefetch_buffer_size=2,  # batches buffered per worker process
       num_threads=8,        # decode threads inside each process (PIL releases the GIL)
       read_buffer_size=64,  # decoded images buffered per process ahead of batching
-      cache_dir="",         # where the image-folder file list is cached ("" = next to the data)
+      # image-folder file-list cache ("" = ~/.cache/softvq_jax/filelists; never inside the data)
+      cache_dir="",
       # uint8 until the device (4x fewer bytes); the trainer applies data.to_model_range.
       output_dtype="uint8",
       # Demo data (source="demo"): crops of scikit-image's bundled photographs.
