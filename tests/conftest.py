@@ -41,14 +41,19 @@ def require(module_name: str):
     pytest.skip(f"{module_name} not installed")
 
 
-def tiny_config():
-  """configs/demo.py shrunk for fast CPU tests: 32 px, 2-block ViTs, batch 8 (one per device)."""
+def config_file(name: str, *args):
+  """configs/<name>.py's get_config(*args): what --config=configs/<name>.py[:arg] builds."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"{name}_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  config = mod.get_config()
+  return mod.get_config(*args)
+
+
+def tiny_config():
+  """configs/demo.py shrunk for fast CPU tests: 32 px, 2-block ViTs, batch 8 (one per device)."""
+  config = config_file("demo")
   config.image_size = 32
   config.model.encoder_size = config.model.decoder_size = "micro"
   config.model.num_latent_tokens = 8

@@ -23,7 +23,7 @@ import jax
 import pytest
 
 from softvq_jax import compile_plan, sharding
-from conftest import tiny_config
+from conftest import config_file, tiny_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -218,12 +218,7 @@ def test_released_l32_is_planned_as_the_released_b_encoder_l_decoder():
   """`--mode=compile --config=configs/sq32_256.py:L --target=v5e-8` plans SoftVQ-L-32 as
   released (spec 2): a B encoder, an L decoder, 32 tokens of dim e = 64 (analytic method here:
   the cpu-aot fallback of a v5e-8 target without libtpu compiles the full step for minutes)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("sq32_256",
-                                                os.path.join(ROOT, "configs", "sq32_256.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  report = compile_plan.plan(mod.get_config("L"), "v5e-8", method="analytic")
+  report = compile_plan.plan(config_file("sq32_256", "L"), "v5e-8", method="analytic")
   m = report["model"]
   assert (m["encoder"], m["decoder"], m["num_latent_tokens"], m["codebook_embed_dim"],
           m["image_size"], m["params"]) == ("B", "L", 32, 64, 256, 391_571_008)

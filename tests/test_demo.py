@@ -6,7 +6,6 @@ clearly better than the best constant-colour image per crop (each crop's own mea
 baseline a tokenizer that learned only colours would reach. The tokenizer is loaded back from the
 workdir through the public API, as the run's closing log line tells a user to do.
 """
-import importlib.util
 import json
 import os
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import softvq_jax
+from conftest import config_file
 from softvq_jax import data, metrics, train
 
 STEPS = 40
@@ -26,11 +26,7 @@ class OnlyColours(AssertionError):
 
 
 def _demo_config():
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_file("demo")
 
 
 def _psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:

@@ -1,7 +1,6 @@
 """The pre-flight (softvq_jax/preflight.py) and main's handling of user errors: every problem of a
 real-run command reported together, in seconds, before any compilation; single user errors as one
 line with exit status 2; --help exits 0."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,18 +8,13 @@ import time
 
 import pytest
 
-from conftest import tiny_config
+from conftest import config_file, tiny_config
 from softvq_jax import fetch, preflight
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _config(name, *args):
-  """configs/<name>.py's get_config(*args), as --config=configs/<name>.py[:arg] builds it."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(*args)
+_config = config_file
 
 
 def _main(*args, env=None, timeout=120):

@@ -4,13 +4,12 @@ The expected values below are copied from the spec (the hub config.json files ar
 not from softvq_jax/variants.py: that table, the configs built from it and the README's model
 table are what is checked here.
 """
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import config_file, require
 from softvq_jax import config_lib, variants
 from softvq_jax.convert.state_dict import expected_keys, to_torch
 from softvq_jax.models.tokenizer import TokenizerConfig, abstract_tokenizer, count_params
@@ -36,11 +35,7 @@ TIMM_NAMES = {"B": "vit_base_patch14_dinov2.lvd142m", "L": "vit_large_patch14_di
 
 
 def _config(file_arg: str):
-  name, arg = file_arg.split(":")
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return config_file(*file_arg.split(":"))
 
 
 def test_variant_table_is_the_spec():
