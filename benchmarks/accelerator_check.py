@@ -526,7 +526,7 @@ def unit_train(params: dict, deadline: float, smoke: bool) -> dict:
   if "mfu" not in jax_row:
     jax_row["mfu"] = None
     jax_row["mfu_reason"] = (f"no peak FLOP/s known for device kind "
-                             f"{jax.devices()[0].device_kind!r} (softvq_jax.train.PEAK_FLOPS)"
+                             f"{jax.devices()[0].device_kind!r} (softvq_jax/hardware.py CHIPS)"
                              if r.get("peak_flops_per_device") is None
                              else "XLA's cost analysis gave no FLOP count")
   out = {"name": f"{r['model']} {params['objective']} batch {params['batch']}",

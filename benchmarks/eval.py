@@ -108,7 +108,7 @@ def run(config, *, batch_size: int = 0, num_images: int = 0, repeats: int = 3,
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from softvq_jax import config_lib, data, evaluate, metrics, sharding  # pylint: disable=import-outside-toplevel
+  from softvq_jax import config_lib, data, evaluate, metrics, pixels, sharding  # pylint: disable=import-outside-toplevel
   from softvq_jax.models import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
   if repeats < 1 or part_repeats < 1:
@@ -150,7 +150,7 @@ def run(config, *, batch_size: int = 0, num_images: int = 0, repeats: int = 3,
   batch_u8 = rng.randint(0, 256, (gbs, s, s, 3)).astype(np.uint8)
   images = jax.device_put(batch_u8, bsh)
   mask = jax.device_put(np.ones((gbs,), bool), bsh)
-  x = jax.device_put(np.asarray(data.to_model_range(batch_u8)), bsh)
+  x = jax.device_put(np.asarray(pixels.to_model_range(batch_u8)), bsh)
   inc_state, lp_state = evaluator.nets.inception_state, evaluator.nets.lpips_state
   # First calls: jit compiles here (again: the AOT executables above do not fill jit's cache), so
   # that no pass below includes a compilation. The Inception also sees the step's output, whose

@@ -53,7 +53,7 @@ Why the comparison is honest:
 
 FLOPs: XLA's cost analysis of our lowered step (`train.train_step_flops`), used for both
 frameworks' achieved GFLOP/s (the same model math). MFU = FLOPs / step time / peak, with the peak
-from `--peak_flops`, else `config.peak_flops_per_device`, else the device table in train.py (the
+from `--peak_flops`, else `config.peak_flops_per_device`, else the chip table in softvq_jax/hardware.py (the
 CPU has no entry: MFU is null there, GFLOP/s is always reported).
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 2, "untimed steps per framework b
 _FRAMEWORK = flags.DEFINE_enum("framework", "both", ["both", "jax", "torch"], "what to time (both "
                                "are always built, warmed up and checked against each other)")
 _PEAK = flags.DEFINE_float("peak_flops", 0.0, "peak FLOP/s of one device for MFU (0: "
-                           "config.peak_flops_per_device, else the table in softvq_jax/train.py)")
+                           "config.peak_flops_per_device, else the table in softvq_jax/hardware.py)")
 _RTOL = flags.DEFINE_float("parity_rtol", 1e-4, "max relative difference of the first step's "
                            "loss (float32 only; negative: do not check)")
 # Looser: torch's clip_grad_norm_ on CPU measured 7e-5 relative below the float64 norm of its own
@@ -174,7 +174,7 @@ class TorchTrainStep:
 
   def step(self, images_uint8):
     torch = self.torch
-    x = images_uint8.permute(0, 3, 1, 2).float() / 255.0  # data.to_model_range, NCHW
+    x = images_uint8.permute(0, 3, 1, 2).float() / 255.0  # pixels.to_model_range, NCHW
     x = (x - 0.5) / 0.5
     with self.autocast:
       recon, _, entropy = self.model(x)
@@ -220,7 +220,8 @@ def variant_config(config, variant: str):
 def build_pair(config, *, seed: int = 0, torch_device: str = "cpu"):
   """Ours and torch's train steps of `config`, starting from the same weights.
 
-  Returns (trainer, jax_state, torch_step, cfg) where `trainer.p_step(jax_state, batch)` and
+  Returns (trainer, jax_state, torch_step, cfg) where
+  `trainer.p_step(jax_state, trainer.frozen(), batch)` and
   `torch_step.step(batch)` perform the same update. The model is built from the config's sizes;
   the weights come from the torch reference (LayerScale drawn in [0.1, 0.5]) and are loaded into
   our state with the strict official-format loader, so a mapping error cannot go unnoticed.
@@ -233,7 +234,7 @@ def build_pair(config, *, seed: int = 0, torch_device: str = "cpu"):
   from softvq_jax import config_lib, optim, sharding, train  # pylint: disable=import-outside-toplevel
   from softvq_jax.convert import official, state_dict  # pylint: disable=import-outside-toplevel
   from softvq_jax.models import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from softvq_jax.train_state import split_model  # pylint: disable=import-outside-toplevel
+  from softvq_jax.models.tokenizer import split_model  # pylint: disable=import-outside-toplevel
 
   config_lib.validate(config)
   mesh = sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -368,15 +369,16 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
   batch = {"image": jax.device_put(batch_np, trainer.batch_sharding)}
   tbatch = torch.from_numpy(batch_np).to(torch_device)
 
-  abstract_batch = trainer.abstract_batch(config)
+  abstract_args = trainer.abstract_args(config)
   t0 = time.perf_counter()
-  p_step = trainer.p_step.lower(trainer.abstract_state, abstract_batch).compile()
+  p_step = trainer.p_step.lower(*abstract_args).compile()
+  frozen = trainer.frozen()
   compile_s = time.perf_counter() - t0
-  flops = train.train_step_flops(trainer.step_fn, trainer.abstract_state, abstract_batch)
+  flops = train.train_step_flops(trainer.step_fn, *abstract_args)
   peak = float(peak_flops) if peak_flops > 0 else train.peak_flops_per_device(config)
 
   # --- warm-up; the first step of each side (same weights, same batch) is the parity check ---
-  state, m = p_step(state, batch)
+  state, m = p_step(state, frozen, batch)
   jax_first = {k: float(m[k]) for k in ("loss/total", "loss/reconstruction", "loss/entropy",
                                          "grad_norm")}
   loss, gn = tstep.step(tbatch)
@@ -397,7 +399,7 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
       grad_norm_rtol < 0 or parity["grad_norm_rel_diff"] <= grad_norm_rtol)):
     raise AssertionError(f"ours and the torch step disagree on the first step: {parity}")
   for _ in range(warmup_steps - 1):
-    state, m = p_step(state, batch)
+    state, m = p_step(state, frozen, batch)
     jax.block_until_ready((state, m))
     tstep.step(tbatch)
     tstep.sync()
@@ -408,7 +410,7 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
   def jax_window():
     st = holder["state"]
     for _ in range(steps_per_window):
-      st, m = p_step(st, batch)  # dispatched asynchronously, as in the training loop
+      st, m = p_step(st, frozen, batch)  # dispatched asynchronously, as in the training loop
     jax.block_until_ready((st, m))
     holder["state"] = st
     return steps_per_window
@@ -513,30 +515,30 @@ def run_objective(config, *, variants=VARIANTS, repeats: int = 3, steps_per_wind
     state = trainer.init_state()
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    abstract_batch = trainer.abstract_batch(vc)
+    abstract_args = trainer.abstract_args(vc)
     t0 = time.perf_counter()
-    p_step = trainer.p_step.lower(trainer.abstract_state, abstract_batch).compile()
+    p_step = trainer.p_step.lower(*abstract_args).compile()
+    frozen = trainer.frozen()
     compile_s = time.perf_counter() - t0
-    flops = train.train_step_flops(trainer.step_fn, trainer.abstract_state, abstract_batch)
+    flops = train.train_step_flops(trainer.step_fn, *abstract_args)
     batch = {"image": jax.device_put(batch_np, trainer.batch_sharding)}
     first = None
     for _ in range(warmup_steps):
-      state, m = p_step(state, batch)
+      state, m = p_step(state, frozen, batch)
       jax.block_until_ready((state, m))
       first = first or {k: float(v_) for k, v_ in m.items()
                         if k.startswith(("loss/", "disc/")) and np.ndim(v_) == 0}
     obj = trainer.objective
-    return {"p_step": p_step, "state": state, "batch": batch, "flops": flops,
+    return {"p_step": p_step, "frozen": frozen, "state": state, "batch": batch, "flops": flops,
             "compile_s": compile_s, "init_s": init_s, "first_metrics": first,
             "memory_analysis": compiled_memory(p_step),
-            "terms": {"perceptual": bool(obj and obj.perceptual), "repa": bool(obj and obj.repa),
-                      "gan": bool(obj and obj.gan)},
+            "terms": {"perceptual": obj.perceptual, "repa": obj.repa, "gan": obj.gan},
             "weights": {k: float(vc.loss[w]) for k, w in NETWORK_WEIGHTS.items()}}
 
   def window(run_: dict) -> int:
     st = run_["state"]
     for _ in range(steps_per_window):
-      st, m = run_["p_step"](st, run_["batch"])
+      st, m = run_["p_step"](st, run_["frozen"], run_["batch"])
     jax.block_until_ready((st, m))
     run_["state"] = st
     return steps_per_window
@@ -559,6 +561,7 @@ def run_objective(config, *, variants=VARIANTS, repeats: int = 3, steps_per_wind
       loads[v].append(round(os.getloadavg()[0], 2))
       built[v].pop("state")  # free this variant's state before the next one is built
       built[v].pop("p_step")
+      built[v].pop("frozen")
 
   out_variants = {}
   for v in variants:

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softvq_jax import paths
+from softvq_jax import paths, pixels
 from softvq_jax.convert import official
 from softvq_jax.convert.safetensors_io import CheckpointError
-from softvq_jax.models.tokenizer import SoftVQTokenizer, TokenizerConfig, abstract_tokenizer
+from softvq_jax.models.tokenizer import (SoftVQTokenizer, TokenizerConfig, abstract_tokenizer,
+                                         split_model)
 
 
 @dataclasses.dataclass
@@ -60,7 +61,7 @@ class Tokenizer:
   def _images(self, images) -> jax.Array:
     images = jnp.asarray(images)
     if images.dtype == jnp.uint8:
-      images = images.astype(jnp.float32) / 127.5 - 1.0
+      images = pixels.to_model_range(images)
     elif not jnp.issubdtype(images.dtype, jnp.floating):
       raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255], got {images.dtype}")
     if images.ndim == 3:
@@ -142,7 +143,6 @@ def from_training_checkpoint(step_dir: str, *, compute_dtype=None,
                              attention_backend=None) -> Tokenizer:
   """EMA weights of one of our step directories (`checkpoint.resolve_step_dir`)."""
   from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel  # imports Orbax
-  from softvq_jax.train_state import split_model  # pylint: disable=import-outside-toplevel
   meta = checkpoint.read_json_item(step_dir, "metadata")
   fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
   cfg = TokenizerConfig(**{k: v for k, v in meta["model"].items() if k in fields})

@@ -1,7 +1,9 @@
 """Orbax checkpoints of a training run: everything needed to continue, in one step directory.
 
     <workdir>/checkpoints/<step>/
-      state/      the sharded TrainState (params, EMA, optimizer, step, rng, [discriminator]);
+      state/      the sharded TrainState (params, EMA, optimizer, step, rng, [discriminator]): the
+                  whole TrainState, which holds nothing else (the objective's frozen networks are
+                  not in it: they are loaded from their own files at every start);
                   `load_tokenizer(workdir)` restores only its `ema_params` subtree (Orbax partial
                   restore), never the 4x larger optimizer state
       data/       the Grain iterator state, one JSON file per process (grain.checkpoint)
@@ -67,14 +69,6 @@ def library_versions() -> dict[str, str]:
   return out
 
 
-def without_frozen(state):
-  """The state minus its frozen pretrained networks, which are loaded from their own files at
-  every start (checkpointing 300M frozen weights every few thousand steps would be waste)."""
-  if getattr(state, "frozen", None) is not None:
-    return state.replace(frozen=None)
-  return state
-
-
 class Checkpointer:
   """A thin, explicit wrapper of `ocp.CheckpointManager` for the trainer's items."""
 
@@ -101,7 +95,7 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Starts an async save of everything at `step`; returns whether a save was started."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(without_frozen(state)),
+        state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config),
         metadata=ocp.args.JsonSave(dict(metadata, step=int(step),
@@ -112,7 +106,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, *, data_iterator=None):
     """Restores the TrainState onto the shardings carried by `abstract_state`'s leaves
     (jax.ShapeDtypeStruct with .sharding) and, if given, the iterator's position in place."""
-    items = dict(state=ocp.args.StandardRestore(without_frozen(abstract_state)))
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -434,15 +434,18 @@ def objective_per_image(config, platform: str) -> dict[str, dict[str, float]]:
           "train_flops": flops, "working_bytes": working}
 
 
-def _state_bytes(abstract_state, state_sharding) -> dict[str, int]:
-  """Per-device bytes of each part of the TrainState (params, ema_params, opt_state, ...)."""
+def _state_bytes(trainer) -> dict[str, int]:
+  """Per-device bytes of each part of the TrainState (params, ema_params, opt_state, ...) and of
+  the frozen networks the step takes beside it ("frozen")."""
   from softvq_jax import sharding  # pylint: disable=import-outside-toplevel
+  parts = {f.name: (getattr(trainer.abstract_state, f.name), getattr(trainer.state_sharding, f.name))
+           for f in dataclasses.fields(trainer.abstract_state)}
+  parts["frozen"] = (trainer.abstract_frozen, trainer.frozen_sharding)
   out = {}
-  for f in dataclasses.fields(abstract_state):
-    a, s = getattr(abstract_state, f.name), getattr(state_sharding, f.name)
+  for name, (a, s) in parts.items():
     if a is None or not _leaves(a):
       continue
-    out[f.name] = int(sharding.per_device_bytes(a, s))
+    out[name] = int(sharding.per_device_bytes(a, s))
   out["total"] = sum(out.values())
   return out
 
@@ -468,7 +471,7 @@ def analytic_estimate(config, target: Target, trainer) -> dict[str, Any]:
   """
   from softvq_jax.models.tokenizer import TokenizerConfig  # pylint: disable=import-outside-toplevel
   cfg = TokenizerConfig.from_config(config)
-  state = _state_bytes(trainer.abstract_state, trainer.state_sharding)
+  state = _state_bytes(trainer)
   per_dev_batch = per_device_batch(config, trainer.mesh)
   micro = max(per_dev_batch // max(int(config.grad_accum_steps), 1), 1)
   img = analytic_per_image(cfg, target.platform)
@@ -487,7 +490,7 @@ def analytic_estimate(config, target: Target, trainer) -> dict[str, Any]:
   gathered = 0
   if state.get("frozen") and config.frozen_sharding == "fsdp":
     gathered = sum(int(math.prod(x.shape)) * x.dtype.itemsize
-                   for x in _leaves(trainer.abstract_state.frozen)) - state["frozen"]
+                   for x in _leaves(trainer.abstract_frozen)) - state["frozen"]
   total = state["total"] + batch_bytes + grads + activations + gathered
   flops_by_part = {"tokenizer": img["train_flops"], **obj["train_flops"]}
   flops = sum(flops_by_part.values())
@@ -628,9 +631,8 @@ def plan(config, target: Target | str, *, method: str | None = None) -> dict[str
     if notes:
       report["fallback_reason"] = "; ".join(notes)
     if method != "analytic":
-      abstract_batch = trainer.abstract_batch(config)
       t1 = time.time()
-      lowered = trainer.p_step.lower(trainer.abstract_state, abstract_batch)
+      lowered = trainer.p_step.lower(*trainer.abstract_args(config))
       try:
         compiled = lowered.compile()
       except Exception as e:  # pylint: disable=broad-except

@@ -79,7 +79,7 @@ def data_config():
       read_buffer_size=64,  # decoded images buffered per process ahead of batching
       # image-folder file-list cache ("" = ~/.cache/softvq_jax/filelists; never inside the data)
       cache_dir="",
-      # uint8 until the device (4x fewer bytes); the trainer applies data.to_model_range.
+      # uint8 until the device (4x fewer bytes); the trainer applies pixels.to_model_range.
       output_dtype="uint8",
       # Demo data (source="demo"): crops of scikit-image's bundled photographs.
       demo_train_size=4096,

@@ -8,7 +8,7 @@ Public API (what the trainer and the evaluator call)::
   batch = next(it)                      # {"image": [B_local, S, S, 3] uint8, "label": [B_local]
                                         #  int32, "index": [B_local] int32}, numpy, host memory
   gbatch = data.make_global_batch(batch, mesh)           # global jax.Arrays over ("data","fsdp")
-  x = data.to_model_range(gbatch["image"])               # jit-able: uint8 -> float32 in [-1, 1]
+  x = pixels.to_model_range(gbatch["image"])             # jit-able: uint8 -> float32 in [-1, 1]
   state = it.get_state()                # small JSON-able dict; store it in the checkpoint
   it.set_state(state)                   # continues with exactly the next unseen batch
   it.skipped                            # SkipStats(count, examples): bad files so far
@@ -41,9 +41,9 @@ Design notes (why):
 * Images leave the pipeline as uint8 NHWC by default (`config.data.output_dtype`): measured in
   `benchmarks/input_pipeline.py` / BENCHMARKS.md, uint8 is as fast as float32 in one process and
   10-25% faster with worker processes (4x fewer bytes through shared memory), and it moves 4x fewer
-  bytes host->device; `to_model_range` does the reference's ToTensor + Normalize((0.5,), (0.5,))
+  bytes host->device; `pixels.to_model_range` (softvq_jax/pixels.py) does the reference's ToTensor + Normalize((0.5,), (0.5,))
   on the device. With output_dtype="float32" the pipeline scales on the host and
-  `to_model_range` is the identity.
+  `pixels.to_model_range` is the identity.
 * Eval is a fixed, finite pass: each process gets its `[process_index::process_count]` share,
   padded to the same number of full batches on every process (static shapes, no host deadlock on
   an uneven last step); padded or undecodable slots have mask=False.
@@ -61,7 +61,8 @@ import grain
 import numpy as np
 from PIL import Image, ImageFile
 
-from softvq_jax import data_sources
+from softvq_jax import axes as axes_lib
+from softvq_jax import data_sources, pixels
 from softvq_jax.data_sources import DataSourceError  # re-exported  # noqa: F401
 
 # How many bad-file names travel with a batch / are kept in the state and logs.
@@ -207,13 +208,6 @@ def apply_train_params(arr: np.ndarray, image_size: int, top: int, left: int,
   return np.ascontiguousarray(out)
 
 
-def train_transform_with_params(img: Image.Image, image_size: int,
-                                params: TrainParams) -> np.ndarray:
-  """The train transform with given draws (used by the parity tests)."""
-  img = _resize_short_side(_box_halve(img, params.short_side), params.short_side)
-  return apply_train_params(np.asarray(img), image_size, params.top, params.left, params.flip)
-
-
 def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
   """Eval transform (ADM `center_crop_arr`) -> [S, S, 3] uint8."""
   _check_aspect(img)
@@ -222,25 +216,6 @@ def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
   top = (arr.shape[0] - image_size) // 2
   left = (arr.shape[1] - image_size) // 2
   return np.ascontiguousarray(arr[top:top + image_size, left:left + image_size])
-
-
-def scale_to_model_range_np(x: np.ndarray) -> np.ndarray:
-  """uint8 -> float32 in [-1, 1] with the reference's op order: x / 255, then (x - 0.5) / 0.5."""
-  x = x.astype(np.float32) / np.float32(255.0)
-  return (x - np.float32(0.5)) / np.float32(0.5)
-
-
-def to_model_range(images):
-  """Jit-able: uint8 images -> float32 in [-1, 1] (ToTensor + Normalize(0.5, 0.5)).
-
-  Floating-point input is returned unchanged (pipelines with output_dtype="float32" already
-  scaled it), so the trainer can call this unconditionally.
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  if jnp.issubdtype(images.dtype, jnp.floating):
-    return images
-  x = images.astype(jnp.float32) / jnp.float32(255.0)
-  return (x - jnp.float32(0.5)) / jnp.float32(0.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,7 +230,7 @@ class Skipped(NamedTuple):
 
 
 def _output(arr: np.ndarray, output_dtype: str) -> np.ndarray:
-  return scale_to_model_range_np(arr) if output_dtype == "float32" else arr
+  return pixels.to_model_range(arr) if output_dtype == "float32" else arr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,7 +573,7 @@ def build_eval_pipeline(data_config, *, image_size: int, global_batch_size: int,
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh,
-                      data_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, Any]:
+                      data_axes: Sequence[str] = axes_lib.BATCH_AXES) -> dict[str, Any]:
   """Process-local numpy batch -> global `jax.Array`s, batch dim sharded over `data_axes`.
 
   Every process passes its own [B_local, ...] slice; the result has global shape

@@ -40,15 +40,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from softvq_jax import data, metrics, paths, pretrained, sharding, visualize
+from softvq_jax import data, metrics, paths, pixels, pretrained, sharding, visualize
 from softvq_jax.models import quantizer as quantizer_lib
 
 Array = jax.Array
-
-
-def to_uint8(x: Array) -> Array:
-  """[-1, 1] float -> uint8 exactly as `visualize.to_uint8` (clip, (x + 1) * 127.5, round)."""
-  return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def make_eval_step(tok_graphdef, lpips_graphdef):
@@ -62,12 +57,12 @@ def make_eval_step(tok_graphdef, lpips_graphdef):
 
   def step(tok_params, lpips_state, images, mask):
     model = nnx.merge(tok_graphdef, tok_params)
-    x = data.to_model_range(images)
-    real_u8 = to_uint8(x)
+    x = pixels.to_model_range(images)
+    real_u8 = pixels.to_uint8(x)
     z = model.pre_quant(x)
     z_q = model.quantize(z, with_stats=False).z_q
-    recon_u8 = to_uint8(model.decode(z_q))
-    fake = data.to_model_range(recon_u8)
+    recon_u8 = pixels.to_uint8(model.decode(z_q))
+    fake = pixels.to_model_range(recon_u8)
     lp = nnx.merge(lpips_graphdef, lpips_state)
     out = {
         "psnr": metrics.psnr(real_u8, recon_u8),
@@ -93,7 +88,7 @@ def make_inception_fn(inception_graphdef):
 
   def fn(state, images):
     if images.dtype == jnp.uint8:
-      images = data.to_model_range(images)
+      images = pixels.to_model_range(images)
     return nnx.merge(inception_graphdef, state)(images)
 
   return fn
@@ -200,7 +195,7 @@ class Evaluator:
       fake_stats.update(_gather(fake_out["pool"]), mask)
       logits.append(_gather(fake_out["logits"])[mask])
       if not cached:
-        real = self._inception(self.nets.inception_state, data.to_model_range(batch["image"]))
+        real = self._inception(self.nets.inception_state, pixels.to_model_range(batch["image"]))
         real_stats.update(_gather(real["pool"]), mask)
       h, p = _gather(out["code_hist"]), _gather(out["prob_sum"])
       hist, probs = (h, p) if hist is None else (hist + h, probs + p)

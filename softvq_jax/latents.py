@@ -24,9 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec
 
-from softvq_jax import data, paths, sharding
+from softvq_jax import data, paths, pixels, sharding
 
 _CHUNK_RE = re.compile(r"chunk_(\d{6})\.npz$")
 
@@ -66,7 +65,7 @@ class LatentStats:
 def _encode_fn(tok_graphdef, *, flip: bool):
   def encode(params, images):
     model = nnx.merge(tok_graphdef, params)
-    x = data.to_model_range(images)
+    x = pixels.to_model_range(images)
     out = {"tokens": model.encode(x)}
     if flip:
       out["tokens_flip"] = model.encode(x[:, :, ::-1, :])
@@ -90,8 +89,8 @@ def _host_rows(x, mesh) -> np.ndarray:
   """This process's rows of a batch-sharded global array (the rows it fed in)."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(axes)))
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, mesh, sharding.batch_sharding(mesh).spec))
 
 
 def compute_latent_stats(config, workdir: str, checkpoint: str | None = None) -> dict[str, Any]:

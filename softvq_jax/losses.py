@@ -1,10 +1,8 @@
-"""Pure loss functions and the weighted-sum objective (spec 5).
+"""The formulas of the loss terms (spec 5): pure functions of arrays, float32 whatever the
+compute dtype.
 
-The generator objective is a sum of named terms, each with a weight that may depend on the step
-(the reference warms the perceptual weight up over 10k steps and switches the GAN term on at step
-20k). `generator_weights(loss_config, step)` is the single place that says which term has which
-weight at which step; the train step multiplies and sums, and logs every term unweighted and
-weighted. All losses are float32 whatever the compute dtype.
+Which terms make the objective, with which weight at which step, and the discriminator's update
+are softvq_jax/objective.py; this file only says how each term is computed from its inputs.
 """
 from __future__ import annotations
 
@@ -22,56 +20,6 @@ def reconstruction_loss(images: Array, reconstruction: Array, kind: str = "l2") 
   if kind == "l1":
     return jnp.mean(jnp.abs(diff))
   raise ValueError(f"unknown reconstruction loss {kind!r}; use 'l2' or 'l1'")
-
-
-def generator_weights(loss_config, step: Array, terms=None) -> dict[str, Array]:
-  """Weight of every generator term at `step` (1-based, as the reference counts), spec 5:
-
-    reconstruction  loss.reconstruction_weight                       (1.0)
-    entropy         loss.entropy_weight                              (0.01)
-    perceptual      loss.perceptual_weight * min(1, step / warmup)   (1.0, warm-up 10k steps)
-    repa            loss.repa_weight                                 (0.1)
-    adversarial     loss.gan_weight if step >= disc_start else 0     (0.2 from step 20k)
-
-  `terms`: the names present (default: all with a non-zero configured weight).
-  """
-  lc = loss_config
-  step = jnp.asarray(step, jnp.float32)
-  warm = lc.perceptual_warmup_steps
-  all_weights = {
-      "reconstruction": jnp.float32(lc.reconstruction_weight),
-      "entropy": jnp.float32(lc.entropy_weight),
-      "perceptual": lc.perceptual_weight * (jnp.minimum(1.0, step / warm) if warm > 0
-                                            else jnp.float32(1.0)),
-      "repa": jnp.float32(lc.repa_weight),
-      "adversarial": jnp.where(step >= lc.disc_start, jnp.float32(lc.gan_weight), 0.0),
-  }
-  if terms is None:
-    terms = [k for k in all_weights
-             if k in ("reconstruction", "entropy") or lc[_WEIGHT_FIELDS[k]] > 0]
-  return {k: all_weights[k] for k in terms}
-
-
-_WEIGHT_FIELDS = {"perceptual": "perceptual_weight", "repa": "repa_weight",
-                  "adversarial": "gan_weight"}
-
-
-def weighted_sum(terms: dict[str, Array], weights: dict[str, Array]) -> tuple[Array, dict]:
-  """sum_k weights[k] * terms[k]; every term must have a weight (and vice versa).
-
-  Returns (total, metrics) with metrics "loss/<k>" (unweighted) and "loss/<k>_weighted".
-  """
-  if set(terms) != set(weights):
-    raise ValueError(f"loss terms {sorted(terms)} and weights {sorted(weights)} differ")
-  total = jnp.float32(0.0)
-  metrics = {}
-  for k in sorted(terms):
-    value = terms[k].astype(jnp.float32)
-    metrics[f"loss/{k}"] = value
-    metrics[f"loss/{k}_weighted"] = weights[k] * value
-    total = total + weights[k] * value
-  metrics["loss/total"] = total
-  return total, metrics
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "images to reconstruct")
 
 def reconstruct(config, workdir: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  from softvq_jax import api, data, visualize  # pylint: disable=import-outside-toplevel
+  from softvq_jax import api, data, pixels, visualize  # pylint: disable=import-outside-toplevel
   from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer  # pylint: disable=import-outside-toplevel
 
   if _CHECKPOINT.value:
@@ -77,9 +77,9 @@ def reconstruct(config, workdir: str) -> dict:
   size = tok.config.image_size
   it = data.build_eval_pipeline(config.data, image_size=size, global_batch_size=_NUM_IMAGES.value)
   batch = next(iter(it))
-  images = np.asarray(data.to_model_range(batch["image"]))
+  images = np.asarray(pixels.to_model_range(batch["image"]))
   recon = np.asarray(tok.reconstruct(images))
-  inputs_u8, recon_u8 = visualize.to_uint8(images), visualize.to_uint8(recon)
+  inputs_u8, recon_u8 = pixels.to_uint8(images), pixels.to_uint8(recon)
   mse = np.mean((inputs_u8.astype(np.float64) - recon_u8) ** 2)
   result = {"mode": "reconstruct", "num_images": int(images.shape[0]), "image_size": size,
             "psnr": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10))),

@@ -27,10 +27,10 @@ import os
 import uuid
 from typing import Callable, Iterable, Sequence
 
-from softvq_jax import fetch
+from softvq_jax import axes, fetch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = axes.MESH_AXES
 
 # The one-time ImageNet preparation, as README's Training section documents it.
 TFDS_BUILD = ("put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org) in "

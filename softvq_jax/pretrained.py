@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Mapping
 
 from absl import logging
 import jax.numpy as jnp
@@ -136,8 +137,34 @@ def load_repa_teacher(pretrained_config, teacher_kwargs: dict, *, seed: int = 0)
     return random_init(lambda: repa.build_repa_teacher(rngs=nnx.Rngs(seed), **teacher_kwargs),
                        seed), True
   kw = {k: v for k, v in teacher_kwargs.items()}
-  return repa.load_repa_teacher(path, kw.pop("size"), kw.pop("img_size"), kw.pop("patch_size"),
-                                **kw), False
+  return repa_teacher_from_weights(path, kw.pop("size"), kw.pop("img_size"), kw.pop("patch_size"),
+                                   **kw), False
+
+
+def repa_teacher_from_weights(path_or_state_dict: str | Mapping, size: str = "L",
+                              img_size: int = 256, patch_size: int = 16, *,
+                              depth: int | None = None, attention_backend: str = "auto",
+                              rngs: nnx.Rngs | None = None):
+  """The REPA teacher (`models.repa.build_repa_teacher`) with timm DINOv2 weights
+  (.safetensors / .npz / .pth or a state dict).
+
+  A pretrained DINOv2 (patch 14, 518 px) is adapted as timm does when the reference creates it at
+  patch 16 / img_size S: pos_embed grid resampled bicubic-antialiased (class token kept apart),
+  patch kernel PI-resized (softvq_jax/convert/resample.py; equality with timm's
+  `checkpoint_filter_fn` is tested in tests/test_repa.py and tests/test_vit.py). Loading is
+  strict: a checkpoint of another size, or one with register tokens, fails with a
+  `CheckpointError` listing the keys.
+  """
+  from softvq_jax.convert import timm_vit  # pylint: disable=import-outside-toplevel
+  from softvq_jax.models import repa  # pylint: disable=import-outside-toplevel
+  model = repa.build_repa_teacher(size, img_size, patch_size, depth=depth,
+                                  attention_backend=attention_backend,
+                                  rngs=rngs if rngs is not None else nnx.Rngs(0))
+  if isinstance(path_or_state_dict, Mapping):
+    timm_vit.load_timm_vit(model, path_or_state_dict, source="REPA teacher state dict")
+  else:
+    timm_vit.load_timm_vit_file(model, str(path_or_state_dict))
+  return model
 
 
 if __name__ == "__main__":

@@ -106,6 +106,48 @@ class ProgressLine:
     return " | ".join(parts)
 
 
+class MetricsLog:
+  """The training loop's metrics, one window at a time: its means (from
+  `steps.summarize_window`) plus throughput (step time, images/s) and MFU, to TensorBoard,
+  `<workdir>/metrics.jsonl` and one progress line on stdout (process 0 writes).
+
+  MFU = FLOPs of one step x steps / seconds / (peak FLOP/s per device x devices), when both the
+  step's FLOPs and the chip's peak are known (softvq_jax/hardware.py).
+  """
+
+  def __init__(self, workdir: str, *, is_main: bool, total_steps: int, batch_size: int,
+               start_step: int, num_devices: int = 1, flops_per_step: float | None = None,
+               peak_flops_per_device: float | None = None):
+    self.writer = metric_writer(workdir, is_main=is_main)
+    self._is_main = is_main
+    self._path = epath.Path(workdir, "metrics.jsonl")
+    self._batch_size = int(batch_size)
+    self._line = ProgressLine(total_steps, batch_size)
+    self._peak_total = (peak_flops_per_device * num_devices
+                        if flops_per_step and peak_flops_per_device else None)
+    self._flops = flops_per_step
+    self._window = (time.time(), int(start_step))
+
+  def write_window(self, step: int, summary: dict[str, float]) -> dict[str, float]:
+    """Completes `summary` (the window's means) with perf/*, writes it, starts the next window."""
+    start, start_step = self._window
+    elapsed, n = time.time() - start, max(step - start_step, 1)
+    summary["perf/step_time_s"] = elapsed / n
+    summary["perf/images_per_s"] = self._batch_size * n / elapsed
+    if self._peak_total:
+      summary["perf/mfu"] = self._flops * n / elapsed / self._peak_total
+    if self._is_main:
+      self.writer.write_scalars(step, summary)
+      with self._path.open("a") as f:
+        f.write(json.dumps(dict(step=step, **summary)) + "\n")
+      logging.info("%s", self._line(step, summary, n, elapsed))
+    self._window = (time.time(), step)
+    return summary
+
+  def flush(self) -> None:
+    self.writer.flush()
+
+
 def outputs_message(workdir: str, *, step: int, minutes: float, config_path: str | None,
                     eval_result: Mapping[str, float] | None) -> str:
   """The closing lines: what was trained, where everything is, and the next commands."""

@@ -26,10 +26,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from softvq_jax import config_lib
+from softvq_jax import axes, config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES, BATCH_AXES = axes.MESH_AXES, axes.BATCH_AXES
 
 DEFAULT_RULES = config_lib.DEFAULT_SHARDING_RULES
 
@@ -116,6 +115,19 @@ def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
       return var.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def frozen_shardings(abstract_frozen, mesh: Mesh, rules=DEFAULT_RULES, how: str = "replicated"):
+  """Frozen networks (the objective's pretrained weights): every device holds them whole
+  ("replicated"), or they are split like the trainable parameters ("fsdp")."""
+  if abstract_frozen is None:
+    return None
+  if how == "fsdp":
+    return state_shardings(abstract_frozen, mesh, rules)
+  rep = replicated(mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  return jax.tree.map(lambda v: v.replace(rep) if is_var(v) else rep, abstract_frozen,
+                      is_leaf=is_var)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

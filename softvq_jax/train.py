@@ -35,39 +35,25 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from softvq_jax import checkpoint as ckpt_lib
-from softvq_jax import config_lib, data, optim, progress, sharding, steps, visualize
+from softvq_jax import (config_lib, data, hardware, optim, pixels, progress, sharding, steps,
+                        visualize)
 from softvq_jax import objective as objective_lib
 from softvq_jax.models.tokenizer import TokenizerConfig
 from softvq_jax.train_state import (TrainState, abstract_train_state, init_train_state,
                                     train_state_shardings)
 
-# Dense bf16 peak FLOP/s per chip by `device_kind` prefix, for MFU. (A GPU/TPU running float32
-# matmuls has a lower peak; MFU is always stated against these bf16 numbers.)
-PEAK_FLOPS = (
-    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12), ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
-)
+# The chip table lives in softvq_jax/hardware.py; kept here for callers of `train.*`.
+peak_flops_per_device = hardware.peak_flops_per_device
 
 
-def peak_flops_per_device(config) -> float | None:
-  if config.peak_flops_per_device > 0:
-    return float(config.peak_flops_per_device)
-  kind = jax.devices()[0].device_kind
-  for prefix, flops in PEAK_FLOPS:
-    if kind.startswith(prefix):
-      return flops
-  return None
-
-
-def train_step_flops(step_fn, abstract_state, abstract_batch) -> float | None:
+def train_step_flops(step_fn, *abstract_args) -> float | None:
   """Model FLOPs of one step from XLA's cost analysis of the (unpartitioned) lowered step."""
   try:
-    cost = jax.jit(step_fn).lower(abstract_state, abstract_batch).cost_analysis()
+    cost = jax.jit(step_fn).lower(*abstract_args).cost_analysis()
     if isinstance(cost, (list, tuple)):
       cost = cost[0]
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -75,6 +61,12 @@ def train_step_flops(step_fn, abstract_state, abstract_batch) -> float | None:
   except Exception as e:  # pylint: disable=broad-except  # a metric must not stop training
     logging.warning("could not count the train step's FLOPs (%s); no MFU will be reported", e)
     return None
+
+
+def due(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, image grid, evaluation, checkpoint) runs after `step`: every
+  `every` steps (0: never periodically) and always at the last step."""
+  return step == total or (every > 0 and step % every == 0)
 
 
 class _Preemption:
@@ -136,36 +128,32 @@ def _grid_images(config, num: int) -> np.ndarray:
 class Trainer:
   """Everything compiled for one config on one mesh: shardings, the init and the train step.
 
-  `p_step(state, {"image": global [B, S, S, 3]}) -> (state, metrics)` is the jitted pure step
-  with explicit in/out shardings and the state donated.
+  `p_step(state, frozen, {"image": global [B, S, S, 3]}) -> (state, metrics)` is the jitted pure
+  step with explicit in/out shardings; only `state` (the TrainState, exactly what is checkpointed)
+  is donated. `frozen` is `self.frozen()`: the objective's pretrained networks, loaded once.
   """
   mesh: Mesh
   graphdef: Any
+  objective: objective_lib.Objective
   abstract_state: TrainState   # ShapeDtypeStructs carrying this mesh's shardings
   state_sharding: TrainState
+  abstract_frozen: Any         # the same for the frozen networks (None: the objective has none)
+  frozen_sharding: Any
   batch_sharding: NamedSharding
   step_fn: Callable            # the pure step (not jitted)
+  single_pass_step_fn: Callable  # the same without gradient accumulation (to count FLOPs)
   p_step: Callable
-  init_fn: Callable[[], TrainState]  # a fresh state without frozen networks, directly sharded
-  objective: Any = None        # objective.Objective (None: pixel + entropy only)
-  load_frozen_fn: Callable[[], Any] = lambda: None
+  init_fn: Callable[[], TrainState]  # a fresh state, directly sharded
+  load_frozen_fn: Callable[[], Any]
 
   def frozen(self):
-    """The frozen networks (LPIPS, DINO backbone, REPA teacher) on the mesh; loaded once.
-
-    `p_step` donates its whole state, these buffers included (they come back as the new state's
-    `frozen`): attach them to one state, then keep using the states the step returns.
-    """
+    """The frozen networks (LPIPS, DINO backbone, REPA teacher) on the mesh; loaded once."""
     if not hasattr(self, "_frozen"):
       self._frozen = self.load_frozen_fn()
     return self._frozen
 
-  def with_frozen(self, state: TrainState) -> TrainState:
-    """A restored (or fresh) state completed with the frozen networks the step needs."""
-    return state.replace(frozen=self.frozen())
-
   def init_state(self) -> TrainState:
-    return self.with_frozen(self.init_fn())
+    return self.init_fn()
 
   def abstract_batch(self, config) -> dict[str, jax.ShapeDtypeStruct]:
     s = config.image_size
@@ -173,48 +161,70 @@ class Trainer:
     return {"image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), dtype,
                                           sharding=self.batch_sharding)}
 
+  def abstract_args(self, config) -> tuple:
+    """(state, frozen, batch) as sharded ShapeDtypeStructs: what `p_step.lower` takes."""
+    return self.abstract_state, self.abstract_frozen, self.abstract_batch(config)
 
-def build_trainer(config, mesh: Mesh, *, grad_accum_steps: int | None = None) -> Trainer:
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      shardings)
+
+
+def build_trainer(config, mesh: Mesh) -> Trainer:
   """The train step and state layout of `config` on `mesh` (nothing is computed yet)."""
   rules = tuple(tuple(r) for r in config.sharding_rules)
   cfg = TokenizerConfig.from_config(config)
   tx, schedule = optim.build_optimizer(config.optim, batch_size=config.batch_size,
                                        total_steps=int(config.num_train_steps))
   obj = objective_lib.build_objective(config)
-  obj = obj if obj.any_network else None
   # The discriminator: the generator's optimizer settings and schedule (spec 5), its own state.
   disc_tx = (optim.build_optimizer(config.optim, batch_size=config.batch_size,
                                    total_steps=int(config.num_train_steps))[0]
-             if obj is not None and obj.gan else None)
+             if obj.gan else None)
   graphdef, abstract = abstract_train_state(cfg, tx, config.seed, objective=obj, disc_tx=disc_tx)
-  if obj is not None:
-    abstract = abstract.replace(frozen=objective_lib.abstract_frozen(obj))
-  state_sh = train_state_shardings(abstract, tx, mesh, rules, disc_tx=disc_tx,
-                                   frozen_sharding=config.frozen_sharding)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
+  state_sh = train_state_shardings(abstract, tx, mesh, rules, disc_tx=disc_tx)
+  frozen_sh = sharding.frozen_shardings(obj.frozen_shapes, mesh, rules, config.frozen_sharding)
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = steps.make_train_step(
-      graphdef, tx, schedule, loss_config=config.loss, ema_decay=config.optim.ema_decay,
-      grad_accum_steps=config.grad_accum_steps if grad_accum_steps is None else grad_accum_steps,
-      batch_sharding=batch_sh, objective=obj, disc_tx=disc_tx)
-  p_step = jax.jit(step_fn, in_shardings=(state_sh, {"image": batch_sh}),
+  make_step = functools.partial(
+      steps.make_train_step, graphdef, tx, schedule, objective=obj,
+      ema_decay=config.optim.ema_decay, batch_sharding=batch_sh, disc_tx=disc_tx)
+  step_fn = make_step(grad_accum_steps=config.grad_accum_steps)
+  p_step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, {"image": batch_sh}),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   init = jax.jit(functools.partial(init_train_state, cfg, tx, config.seed, objective=obj,
                                    disc_tx=disc_tx),
-                 out_shardings=state_sh.replace(frozen=None))
+                 out_shardings=state_sh)
 
   def load_frozen():
-    if obj is None:
+    if not obj.any_network:
       return None
     frozen, random = objective_lib.load_frozen(obj, config)
     logging.info("frozen networks of the objective: %s",
                  {k: "random init" if v else "pretrained" for k, v in random.items()})
-    return jax.device_put(frozen, state_sh.frozen)
+    return jax.device_put(frozen, frozen_sh)
 
-  return Trainer(mesh=mesh, graphdef=graphdef, abstract_state=abstract, state_sharding=state_sh,
-                 batch_sharding=batch_sh, step_fn=step_fn, p_step=p_step, init_fn=init,
-                 objective=obj, load_frozen_fn=load_frozen)
+  return Trainer(mesh=mesh, graphdef=graphdef, objective=obj,
+                 abstract_state=_with_shardings(abstract, state_sh), state_sharding=state_sh,
+                 abstract_frozen=(_with_shardings(obj.frozen_shapes, frozen_sh)
+                                  if obj.any_network else None),
+                 frozen_sharding=frozen_sh, batch_sharding=batch_sh, step_fn=step_fn,
+                 single_pass_step_fn=(step_fn if config.grad_accum_steps == 1
+                                      else make_step(grad_accum_steps=1)),
+                 p_step=p_step, init_fn=init, load_frozen_fn=load_frozen)
+
+
+def restore_or_init(trainer: Trainer, checkpointer: ckpt_lib.Checkpointer, train_iter,
+                    seed: int) -> TrainState:
+  """The newest complete checkpoint's state (onto this run's mesh, whatever mesh wrote it) and,
+  in place, the data iterator's position; else a fresh state (created sharded, from `seed`)."""
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    ckpt_lib.log_restore(latest, checkpointer.directory)
+    return checkpointer.restore(latest, trainer.abstract_state, data_iterator=train_iter)
+  logging.info("no checkpoint in %s: starting from scratch (seed %d)", checkpointer.directory,
+               seed)
+  return trainer.init_state()
 
 
 def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = None,
@@ -225,88 +235,51 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   {"image": [B_local, S, S, 3]} and, for exact resume, be a Grain iterator.
   config_path: the config file the run came from, only to print the follow-up commands.
   """
+  # ---- Setup: everything the loop needs, built once. ----
   run_start = time.time()
   config_lib.validate(config)
   workdir = ckpt_lib.absolute_workdir(workdir)  # a str: local (absolute) path or gs:// / s3:// URL
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  writer = progress.metric_writer(workdir, is_main=is_main)
+  total_steps = int(config.num_train_steps)
+  cfg = TokenizerConfig.from_config(config)
 
   mesh = sharding.create_mesh(config.mesh_shape)
   trainer = build_trainer(config, mesh)
-  cfg = TokenizerConfig.from_config(config)
-  total_steps = int(config.num_train_steps)
-  graphdef, abstract = trainer.graphdef, trainer.abstract_state
-  rep = sharding.replicated(mesh)
-
+  frozen = trainer.frozen()  # missing pretrained files fail here, before anything is compiled
   if train_iter is None:
     train_iter = data.build_train_pipeline(
         config.data, image_size=config.image_size, global_batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_every_steps=config.keep_every_steps)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    ckpt_lib.log_restore(latest, checkpointer.directory)
-    state = trainer.with_frozen(checkpointer.restore(latest, abstract, data_iterator=train_iter))
-  else:
-    logging.info("no checkpoint in %s: starting from scratch (seed %d)", checkpointer.directory,
-                 config.seed)
-    state = trainer.init_state()
+  state = restore_or_init(trainer, checkpointer, train_iter, config.seed)
   start_step = int(state.step)
 
-  abstract_batch = trainer.abstract_batch(config)
   # Compiled ahead of the loop: the compile time and the per-device memory are known (and logged)
   # before the first step, and the first window's step time does not include the compilation.
+  abstract_args = trainer.abstract_args(config)
   t0 = time.time()
-  p_step = trainer.p_step.lower(abstract, abstract_batch).compile()
+  p_step = trainer.p_step.lower(*abstract_args).compile()
   _log_compiled(p_step, time.time() - t0)
-  metrics_shape = jax.eval_shape(trainer.step_fn, abstract, abstract_batch)[1]
+  rep = sharding.replicated(mesh)
+  metrics_shape = jax.eval_shape(trainer.step_fn, *abstract_args)[1]
   p_accumulate = jax.jit(steps.accumulate_metrics, donate_argnums=(0,))
   new_window = jax.jit(functools.partial(steps.init_accumulator, metrics_shape), out_shardings=rep)
 
   # FLOPs of the whole global batch in one pass (a scan over micro-batches would count once).
   # Only where MFU can be reported: the extra lowering costs ~40 s on a loaded 2-core CPU (measured
   # with the demo), whose peak is unknown.
-  peak = peak_flops_per_device(config)
-  flops = (train_step_flops(build_trainer(config, mesh, grad_accum_steps=1).step_fn, abstract,
-                            abstract_batch) if peak else None)
-
-  # The same images on every process, as one replicated global array (multi-host safe).
-  grid_inputs = jax.make_array_from_process_local_data(
-      rep, np.asarray(data.to_model_range(_grid_images(config, config.num_grid_images))))
-  ema_reconstruct = jax.jit(
-      lambda p, x: jnp.clip(nnx.merge(graphdef, p)(x).reconstruction, -1.0, 1.0),
-      out_shardings=rep)
-
-  def write_grid(step: int, state: TrainState):
-    recon = np.asarray(ema_reconstruct(state.ema_params, grid_inputs))
-    if is_main:
-      grid = visualize.image_grid([visualize.to_uint8(np.asarray(grid_inputs)),
-                                   visualize.to_uint8(recon)])
-      visualize.save_png(os.path.join(workdir, "images", f"recon_{step:08d}.png"), grid)
-      writer.write_images(step, {"reconstruction/input_vs_ema": grid[None]})
-
-  evaluator = None
-  if config.eval.every_steps:  # built up front: missing Inception/LPIPS files fail at start-up
-    from softvq_jax import evaluate  # pylint: disable=import-outside-toplevel
-    evaluator = evaluate.Evaluator(config, mesh, graphdef, workdir)
-
-  last_eval = {}
-
-  def run_eval(step: int, state: TrainState):
-    result = evaluator(state.ema_params, num_images=config.eval.in_loop_num_images)
-    last_eval.clear()
-    last_eval.update(result)
-    logging.info("evaluation at step %d (EMA weights, %d images): %s", step,
-                 config.eval.in_loop_num_images,
-                 ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.items())))
-    if is_main:
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
-      writer.write_images(step, {"eval/input_vs_ema": evaluator.last_grid[None]})
-      with epath.Path(workdir, "eval_metrics.jsonl").open("a") as f:
-        f.write(json.dumps(dict(step=step, **result)) + "\n")
+  peak = hardware.peak_flops_per_device(config)
+  flops = train_step_flops(trainer.single_pass_step_fn, *abstract_args) if peak else None
+  log = progress.MetricsLog(workdir, is_main=is_main, total_steps=total_steps,
+                            batch_size=config.batch_size, start_step=start_step,
+                            num_devices=jax.device_count(), flops_per_step=flops,
+                            peak_flops_per_device=peak)
+  write_grid = _grid_writer(config, trainer, workdir, log.writer, is_main)
+  evaluate_ema = _in_loop_evaluator(config, trainer, workdir, log.writer, is_main)
+  config_json = json.loads(config.to_json_best_effort())
+  metadata = _metadata(config, cfg, mesh)
 
   def check_finite(acc) -> None:
     bad = steps.nonfinite_step(jax.device_get(acc))
@@ -318,64 +291,46 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
           f"checkpoint is step {last} in {checkpointer.directory}. Restarting resumes from it; "
           "if it diverges again, lower config.optim.lr or check the data.")
 
-  config_json = json.loads(config.to_json_best_effort())
-  metadata = _metadata(config, cfg, mesh)
-
-  def save(step: int, acc, *, force: bool = False):
-    check_finite(acc)
-    checkpointer.save(step, state, data_iterator=train_iter, config=config_json,
-                      metadata=metadata, force=force)
-
   if is_main:
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     logging.info("model %s: %.2fM parameters; mesh %s; global batch %d (%d per process); "
                  "steps %d -> %d", cfg, n_params / 1e6, dict(mesh.shape), config.batch_size,
                  config.batch_size // jax.process_count(), start_step, total_steps)
     logging.info("hyperparameters: %s", progress.write_hparams(workdir, config_json))
     if start_step == 0:
-      writer.write_hparams({k: v for k, v in _flatten(config_json).items()
-                            if isinstance(v, (int, float, str, bool))})
-  progress_line = progress.ProgressLine(total_steps, config.batch_size)
+      log.writer.write_hparams({k: v for k, v in
+                                traverse_util.flatten_dict(config_json, sep=".").items()
+                                if isinstance(v, (int, float, str, bool))})
   if start_step == 0:  # "before": what the untrained tokenizer makes of the grid images
     write_grid(0, state)
+
+  # ---- The loop. ----
   preemption = _Preemption(checkpointer)
   acc = new_window()
-  window_start, window_step = time.time(), start_step
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   step = start_step
   try:
     while step < total_steps:
-      local = next(train_iter)
-      batch = data.make_global_batch({"image": local["image"]}, mesh)
-      state, m = p_step(state, batch)
+      batch = data.make_global_batch({"image": next(train_iter)["image"]}, mesh)
+      state, m = p_step(state, frozen, batch)
       acc = p_accumulate(acc, m)
       step += 1
       preempted = preemption.reached(step)
-      if step % config.log_every_steps == 0 or step == total_steps or preempted:
+      if due(step, config.log_every_steps, total_steps) or preempted:
         check_finite(acc)
         summary = steps.summarize_window(jax.device_get(acc))
-        elapsed = time.time() - window_start
-        n = step - window_step
-        summary["perf/step_time_s"] = elapsed / n
-        summary["perf/images_per_s"] = config.batch_size * n / elapsed
-        if flops and peak:
-          summary["perf/mfu"] = flops * n / elapsed / (peak * jax.device_count())
         skipped = getattr(train_iter, "skipped", None)  # the pipeline itself logs the file names
         if skipped is not None:
           summary["data/skipped"] = float(skipped.count)
-        if is_main:
-          writer.write_scalars(step, summary)
-          with epath.Path(metrics_path).open("a") as f:
-            f.write(json.dumps(dict(step=step, **summary)) + "\n")
-          logging.info("%s", progress_line(step, summary, n, elapsed))
+        log.write_window(step, summary)
         acc = new_window()
-        window_start, window_step = time.time(), step
-      if step % config.image_every_steps == 0 or step == total_steps:
+      if due(step, config.image_every_steps, total_steps):
         write_grid(step, state)
-      if evaluator is not None and (step % config.eval.every_steps == 0 or step == total_steps):
-        run_eval(step, state)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
-        save(step, acc, force=preempted or step == total_steps)
+      if evaluate_ema is not None and due(step, config.eval.every_steps, total_steps):
+        evaluate_ema(step, state)
+      if due(step, config.checkpoint_every_steps, total_steps) or preempted:
+        check_finite(acc)
+        checkpointer.save(step, state, data_iterator=train_iter, config=config_json,
+                          metadata=metadata, force=preempted or step == total_steps)
       if preempted:
         checkpointer.wait()
         logging.warning("preemption notice: saved step %d to %s; stopping. Run the same command "
@@ -384,19 +339,54 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   finally:
     preemption.restore()
     checkpointer.close()
-    writer.flush()
+    log.flush()
   if is_main and step >= total_steps:
     logging.info("%s", progress.outputs_message(
         workdir, step=step, minutes=(time.time() - run_start) / 60, config_path=config_path,
-        eval_result=last_eval))
+        eval_result=evaluate_ema.last if evaluate_ema is not None else {}))
   return state
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def _grid_writer(config, trainer: Trainer, workdir: str, writer, is_main: bool):
+  """`write_grid(step, state)`: input | EMA-reconstruction grid of the first eval images (the
+  same on every process, one replicated global array: multi-host safe), as PNG and TensorBoard."""
+  rep = sharding.replicated(trainer.mesh)
+  grid_inputs = jax.make_array_from_process_local_data(
+      rep, np.asarray(pixels.to_model_range(_grid_images(config, config.num_grid_images))))
+  graphdef = trainer.graphdef
+  ema_reconstruct = jax.jit(
+      lambda p, x: jnp.clip(nnx.merge(graphdef, p)(x).reconstruction, -1.0, 1.0),
+      out_shardings=rep)
+
+  def write_grid(step: int, state: TrainState):
+    recon = np.asarray(ema_reconstruct(state.ema_params, grid_inputs))
+    if is_main:
+      grid = visualize.image_grid([pixels.to_uint8(np.asarray(grid_inputs)),
+                                   pixels.to_uint8(recon)])
+      visualize.save_png(os.path.join(workdir, "images", f"recon_{step:08d}.png"), grid)
+      writer.write_images(step, {"reconstruction/input_vs_ema": grid[None]})
+  return write_grid
+
+
+def _in_loop_evaluator(config, trainer: Trainer, workdir: str, writer, is_main: bool):
+  """`evaluate_ema(step, state)` with the latest result in `.last`, or None when
+  `config.eval.every_steps` is 0. Built up front: missing Inception/LPIPS files fail at start-up."""
+  if not config.eval.every_steps:
+    return None
+  from softvq_jax import evaluate  # pylint: disable=import-outside-toplevel
+  evaluator = evaluate.Evaluator(config, trainer.mesh, trainer.graphdef, workdir)
+
+  def evaluate_ema(step: int, state: TrainState):
+    result = evaluator(state.ema_params, num_images=config.eval.in_loop_num_images)
+    evaluate_ema.last = result
+    logging.info("evaluation at step %d (EMA weights, %d images): %s", step,
+                 config.eval.in_loop_num_images,
+                 ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.items())))
+    if is_main:
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+      writer.write_images(step, {"eval/input_vs_ema": evaluator.last_grid[None]})
+      with epath.Path(workdir, "eval_metrics.jsonl").open("a") as f:
+        f.write(json.dumps(dict(step=step, **result)) + "\n")
+
+  evaluate_ema.last = {}
+  return evaluate_ema

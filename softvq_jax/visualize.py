@@ -8,12 +8,6 @@ import numpy as np
 from PIL import Image
 
 
-def to_uint8(images) -> np.ndarray:
-  """[..., H, W, 3] float in [-1, 1] -> uint8 (clamped, rounded); the metrics use the same map."""
-  x = np.asarray(images, np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def image_grid(rows: list, pad: int = 2) -> np.ndarray:
   """rows: equally shaped [B, H, W, 3] uint8 arrays -> one [R*(H+pad), B*(W+pad), 3] uint8 grid.
 

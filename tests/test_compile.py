@@ -132,8 +132,9 @@ def test_fsdp_full_objective_shards_state_and_matches_compile():
   # Independent of the module: the sharding plan of the same mesh, byte for byte.
   mesh = sharding.create_mesh((1, 8, 1), devices=jax.devices()[:8])
   trainer = train.build_trainer(config, mesh)
-  assert fsdp["state_bytes"]["total"] == sharding.per_device_bytes(trainer.abstract_state,
-                                                                   trainer.state_sharding)
+  assert fsdp["state_bytes"]["total"] == (
+      sharding.per_device_bytes(trainer.abstract_state, trainer.state_sharding)
+      + sharding.per_device_bytes(trainer.abstract_frozen, trainer.frozen_sharding))
   # Same model, same global batch: the per-step FLOPs do not depend on the mesh.
   assert dp["flops"]["per_step_analytic"] == fsdp["flops"]["per_step_analytic"]
 

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import require
 from softvq_jax import config_lib
 from softvq_jax import data
+from softvq_jax import pixels
 from softvq_jax import data_sources
 import test_data_files as files
 
@@ -156,11 +157,11 @@ def test_float32_output_is_the_scaled_uint8_output():
   f32 = next(data.build_train_pipeline(_cfg(demo_train_size=8, output_dtype="float32"),
                                        **kw))["image"]
   assert f32.dtype == np.float32 and f32.min() >= -1 and f32.max() <= 1
-  np.testing.assert_array_equal(f32, data.scale_to_model_range_np(u8))
+  np.testing.assert_array_equal(f32, pixels.to_model_range(u8))
   import jax
   # XLA turns x / 255 into x * (1 / 255): equal up to 1 ulp.
-  np.testing.assert_allclose(np.asarray(jax.jit(data.to_model_range)(u8)), f32, rtol=0, atol=2e-7)
-  np.testing.assert_array_equal(np.asarray(data.to_model_range(f32)), f32)
+  np.testing.assert_allclose(np.asarray(jax.jit(pixels.to_model_range)(u8)), f32, rtol=0, atol=2e-7)
+  np.testing.assert_array_equal(np.asarray(pixels.to_model_range(f32)), f32)
 
 
 def test_demo_source_is_deterministic_real_photos():
@@ -388,10 +389,10 @@ def test_train_and_eval_transforms_match_reference_exactly(image_size):
       ref, _ = _ref_train(pil, image_size, np.random.default_rng((trial, 9)))
       lo, hi = data.train_short_side_range(image_size)
       assert lo <= params.short_side <= hi
-      np.testing.assert_array_equal(data.scale_to_model_range_np(ours), ref,
+      np.testing.assert_array_equal(pixels.to_model_range(ours), ref,
                                     err_msg=f"{name} {params}")
     np.testing.assert_array_equal(
-        data.scale_to_model_range_np(data.center_crop_arr(pil, image_size)),
+        pixels.to_model_range(data.center_crop_arr(pil, image_size)),
         _ref_eval(pil, image_size), err_msg=name)
 
 
@@ -512,7 +513,7 @@ def test_make_global_batch_shards_over_data_and_fsdp():
   assert len(g["image"].addressable_shards) == 8
   assert all(s.data.shape == (1, 32, 32, 3) for s in g["image"].addressable_shards)
   np.testing.assert_array_equal(np.asarray(g["image"]), batch["image"])
-  x = jax.jit(data.to_model_range)(g["image"])
+  x = jax.jit(pixels.to_model_range)(g["image"])
   assert x.dtype == np.float32 and x.sharding.spec == PartitionSpec(("data", "fsdp"))
   # A mesh without an fsdp axis; a batch the mesh cannot split is a clear error.
   g2 = data.make_global_batch(batch, Mesh(np.asarray(jax.devices()[:4]), ("data",)))

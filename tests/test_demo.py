@@ -14,7 +14,7 @@ import pytest
 
 import softvq_jax
 from conftest import config_file
-from softvq_jax import data, metrics, train
+from softvq_jax import data, metrics, pixels, train
 
 STEPS = 40
 NUM_EVAL = 32
@@ -52,7 +52,7 @@ def test_short_demo_run_beats_the_mean_colour_baseline(tmp_path):
                                 global_batch_size=NUM_EVAL)
   images = np.asarray(next(iter(it))["image"])                       # uint8 [N, 64, 64, 3]
   tok = softvq_jax.load_tokenizer(workdir)                           # EMA weights, newest step
-  recon = np.asarray(tok.reconstruct(np.asarray(data.to_model_range(images))))
+  recon = np.asarray(tok.reconstruct(np.asarray(pixels.to_model_range(images))))
   recon_u8 = np.clip(np.round((recon + 1.0) * 127.5), 0, 255).astype(np.uint8)
   mean_colour = np.broadcast_to(images.mean(axis=(1, 2), keepdims=True), images.shape)
   mean_u8 = np.round(mean_colour).astype(np.uint8)

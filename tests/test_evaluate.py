@@ -8,7 +8,7 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from conftest import tiny_config
-from softvq_jax import data, evaluate, metrics, sharding, visualize
+from softvq_jax import data, evaluate, metrics, pixels, sharding
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
 
 
@@ -160,7 +160,7 @@ def test_evaluator_metrics_equal_direct_computation(evaluated):
   batch = next(iter(it))
   real = batch["image"][batch["mask"]]
   assert real.shape[0] == 11
-  recon = visualize.to_uint8(np.asarray(model(jnp.asarray(data.to_model_range(real))).reconstruction))
+  recon = pixels.to_uint8(np.asarray(model(jnp.asarray(pixels.to_model_range(real))).reconstruction))
   psnr = np.mean([peak_signal_noise_ratio(real[i], recon[i], data_range=255) for i in range(11)])
   ssim = np.mean([structural_similarity(real[i], recon[i], channel_axis=-1, data_range=255)
                   for i in range(11)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from softvq_jax import api, data, latents, train
+from softvq_jax import api, data, latents, pixels, train
 
 
 def _config():
@@ -55,7 +55,7 @@ def test_in_loop_evaluation_is_logged(trained):
 def test_stats_equal_numpy_and_reach_normalized_encode(trained):
   config, workdir, crops = trained
   tok = api.load_tokenizer(workdir)
-  tokens = np.asarray(tok.encode(data.to_model_range(crops)), np.float64)  # [12, N, D]
+  tokens = np.asarray(tok.encode(pixels.to_model_range(crops)), np.float64)  # [12, N, D]
   result = latents.compute_latent_stats(config, workdir)
   assert result["num_images"] == 12 and result["num_tokens"] == 12 * tokens.shape[1]
   assert abs(result["vq_mean"] - tokens.mean()) < 1e-6
@@ -66,7 +66,7 @@ def test_stats_equal_numpy_and_reach_normalized_encode(trained):
   # The checkpoint now carries them: normalize=True uses them, as for official checkpoints.
   tok2 = api.load_tokenizer(workdir)
   assert tok2.config.vq_mean == result["vq_mean"] and tok2.config.vq_std == result["vq_std"]
-  x = data.to_model_range(crops[:2])
+  x = pixels.to_model_range(crops[:2])
   z = np.asarray(tok2.encode(x, normalize=True))
   np.testing.assert_allclose(z, (np.asarray(tok2.encode(x)) - result["vq_mean"]) / result["vq_std"],
                              rtol=1e-5, atol=1e-5)
@@ -79,7 +79,7 @@ def test_stats_limit_counts_exactly(trained):
   config.latents.num_images = 5
   result = latents.compute_latent_stats(config, workdir, checkpoint=workdir)
   tok = api.load_tokenizer(workdir)
-  tokens = np.asarray(tok.encode(data.to_model_range(crops[:5])), np.float64)
+  tokens = np.asarray(tok.encode(pixels.to_model_range(crops[:5])), np.float64)
   assert result["num_images"] == 5
   assert abs(result["vq_mean"] - tokens.mean()) < 1e-6
 
@@ -93,7 +93,7 @@ def test_extract_equals_encode_and_resumes(trained, tmp_path):
   assert manifest["num_examples"] == 12 and manifest["complete"]
   full = latents.load_extracted(out)
   tok = api.load_tokenizer(workdir)
-  x = data.to_model_range(crops)
+  x = pixels.to_model_range(crops)
   np.testing.assert_allclose(full["tokens"], np.asarray(tok.encode(x)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(full["tokens_flip"], np.asarray(tok.encode(x[:, :, ::-1])),
                              rtol=1e-5, atol=1e-6)

@@ -8,21 +8,21 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from softvq_jax import config_lib, losses, sharding, train
+from softvq_jax import config_lib, objective, sharding, train
 
 
 def test_generator_weight_schedules_follow_spec():
   lc = config_lib.loss_config()  # the released recipe
   for step, perc, adv in ((1, 1e-4, 0.0), (5000, 0.5, 0.0), (10000, 1.0, 0.0), (19999, 1.0, 0.0),
                           (20000, 1.0, 0.2), (250000, 1.0, 0.2)):
-    w = losses.generator_weights(lc, jnp.int32(step))
+    w = objective.generator_weights(lc, jnp.int32(step))
     assert set(w) == {"reconstruction", "entropy", "perceptual", "repa", "adversarial"}
     np.testing.assert_allclose(float(w["perceptual"]), perc, rtol=1e-6)
     np.testing.assert_allclose(float(w["adversarial"]), adv, rtol=1e-6)
     assert float(w["reconstruction"]) == 1.0 and float(w["repa"]) == pytest.approx(0.1)
     assert float(w["entropy"]) == pytest.approx(0.01)
   lc.gan_weight = lc.repa_weight = 0.0
-  assert set(losses.generator_weights(lc, 1)) == {"reconstruction", "entropy", "perceptual"}
+  assert set(objective.generator_weights(lc, 1)) == {"reconstruction", "entropy", "perceptual"}
 
 
 def _batch(config, trainer, seed=0):
@@ -35,15 +35,15 @@ def test_discriminator_is_untouched_before_disc_start_then_trains():
   config = tiny_config()
   config.loss.disc_start = 3
   trainer = train.build_trainer(config, sharding.create_mesh((-1, 1, 1)))
-  state = trainer.init_state()
+  state, frozen = trainer.init_state(), trainer.frozen()
   init = jax.device_get((state.disc_params, state.disc_state, state.disc_opt_state, state.lecam))
   for i in range(2):  # steps 1 and 2: before disc_start
-    state, m = trainer.p_step(state, _batch(config, trainer, i))
+    state, m = trainer.p_step(state, frozen, _batch(config, trainer, i))
     assert float(m["disc/active"]) == 0.0 and float(m["loss/adversarial_weighted"]) == 0.0
   now = jax.device_get((state.disc_params, state.disc_state, state.disc_opt_state, state.lecam))
   for a, b in zip(jax.tree.leaves(now), jax.tree.leaves(init)):
     np.testing.assert_array_equal(a, b)
-  state, m = trainer.p_step(state, _batch(config, trainer, 2))  # step 3: the GAN starts
+  state, m = trainer.p_step(state, frozen, _batch(config, trainer, 2))  # step 3: the GAN starts
   assert float(m["disc/active"]) == 1.0
   np.testing.assert_allclose(float(m["loss/adversarial_weighted"]),
                              0.2 * float(m["loss/adversarial"]), rtol=1e-6)
@@ -61,20 +61,21 @@ def test_adaptive_weight_is_the_ratio_of_pixel_head_gradient_norms():
   config.loss.adaptive_weight = True
   config.loss.disc_start = 1
   trainer = train.build_trainer(config, sharding.create_mesh((1, 1, 1), jax.devices()[:1]))
-  state = trainer.init_state()
+  state, frozen = trainer.init_state(), trainer.frozen()
   batch = _batch(config, trainer)
   with jax.default_matmul_precision("highest"):
-    _, m = jax.jit(trainer.step_fn)(state, batch)
+    _, m = jax.jit(trainer.step_fn)(state, frozen, batch)
     # The same quantity from first principles: both gradients w.r.t. the whole parameter tree.
-    from softvq_jax import data, steps  # pylint: disable=import-outside-toplevel
-    loss_fn = steps.make_loss_fn(trainer.graphdef, config.loss, trainer.objective)
-    images = data.to_model_range(batch["image"])
+    from softvq_jax import pixels  # pylint: disable=import-outside-toplevel
+    images = pixels.to_model_range(batch["image"])
     key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0))[0]
     disc = (state.disc_params, state.disc_state)
 
     def part(params, names):
-      terms, _, _ = loss_fn.terms_fn((params, state.proj_params), state.frozen, disc, images, key)
-      w = losses.generator_weights(config.loss, 1, terms)
+      terms, _, _ = objective.generator_terms(trainer.objective, trainer.graphdef,
+                                              (params, state.proj_params), frozen, disc, images,
+                                              key)
+      w = objective.generator_weights(config.loss, 1, terms)
       return sum(w[k] * terms[k] if k != "adversarial" else terms[k] for k in names)
 
     g_rec = jax.grad(part)(state.params, ("reconstruction", "perceptual"))
@@ -92,26 +93,27 @@ def test_missing_pretrained_files_fail_at_start_naming_the_field(tmp_path):
   config.pretrained.allow_random_init = False
   trainer = train.build_trainer(config, sharding.create_mesh((-1, 1, 1)))  # compiles nothing
   with pytest.raises(ValueError, match=r"config\.pretrained\.lpips is empty"):
-    trainer.init_state()
+    trainer.frozen()
   config.pretrained.lpips = str(tmp_path / "nope.safetensors")
   with pytest.raises(FileNotFoundError, match=r"config\.pretrained\.lpips=.*does not exist"):
-    train.build_trainer(config, sharding.create_mesh((-1, 1, 1))).init_state()
+    train.build_trainer(config, sharding.create_mesh((-1, 1, 1))).frozen()
   # a zero weight removes the term and its network: nothing to load
   config.loss.perceptual_weight = config.loss.gan_weight = config.loss.repa_weight = 0.0
-  state = train.build_trainer(config, sharding.create_mesh((-1, 1, 1))).init_state()
-  assert state.frozen is None and state.disc_params is None and state.proj_params is None
+  trainer = train.build_trainer(config, sharding.create_mesh((-1, 1, 1)))
+  state = trainer.init_state()
+  assert trainer.frozen() is None and state.disc_params is None and state.proj_params is None
 
 
 def test_frozen_networks_are_not_in_the_optimizer_and_get_no_update():
   config = tiny_config()
   trainer = train.build_trainer(config, sharding.create_mesh((-1, 1, 1)))
-  state = trainer.init_state()
-  frozen0 = jax.device_get(state.frozen)
+  state, frozen = trainer.init_state(), trainer.frozen()
+  frozen0 = jax.device_get(frozen)
   n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
   n_trainable = sum(x.size for x in jax.tree.leaves((state.params, state.proj_params)))
   assert n_opt < 2 * n_trainable + 100  # Adam's two moments of the generator, nothing frozen
-  state, _ = trainer.p_step(state, _batch(config, trainer))
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.frozen)), jax.tree.leaves(frozen0)):
+  state, _ = trainer.p_step(state, frozen, _batch(config, trainer))
+  for a, b in zip(jax.tree.leaves(jax.device_get(frozen)), jax.tree.leaves(frozen0)):
     np.testing.assert_array_equal(a, b)
-  assert set(state.frozen) == {"lpips", "dino", "teacher"}
-  assert isinstance(state.frozen["lpips"], nnx.State)
+  assert set(frozen) == {"lpips", "dino", "teacher"}
+  assert isinstance(frozen["lpips"], nnx.State)

@@ -8,6 +8,7 @@ from flax import nnx
 from conftest import require
 from softvq_jax.convert import state_dict as sd_lib
 from softvq_jax.convert.safetensors_io import CheckpointError, write_safetensors
+from softvq_jax import pretrained
 from softvq_jax.models import repa
 
 TEACHER = "vit_small_patch14_dinov2"  # same architecture family as the recipe's DINOv2-L
@@ -120,7 +121,8 @@ def test_teacher_features_match_timm(tmp_path, source_patch, file_ext):
     write_safetensors(path, {k: v.numpy() for k, v in sd.items()})
   else:
     torch.save(sd, path)
-  teacher = repa.load_repa_teacher(path, "S", IMG, 16, depth=DEPTH, attention_backend="xla")
+  teacher = pretrained.repa_teacher_from_weights(path, "S", IMG, 16, depth=DEPTH,
+                                                attention_backend="xla")
   x = np.random.RandomState(2).uniform(-1, 1, (2, IMG, IMG, 3)).astype(np.float32)
   ref = _reference_teacher_tokens(torch, ref_model, x)
   with jax.default_matmul_precision("highest"):
@@ -145,7 +147,7 @@ def test_teacher_is_stop_gradient_and_rejects_bad_inputs():
   # a checkpoint of another width fails strictly, naming the keys
   other = repa.build_repa_teacher("micro", 32, 16, depth=1, rngs=nnx.Rngs(0))
   with pytest.raises(CheckpointError, match="shape mismatches"):
-    repa.load_repa_teacher(sd_lib.export_state_dict(other), "S", 32, 16, depth=1)
+    pretrained.repa_teacher_from_weights(sd_lib.export_state_dict(other), "S", 32, 16, depth=1)
 
 
 def _numpy_repa_loss(t, h):

@@ -24,10 +24,10 @@ def _batches(config, n, seed=0):
 def _run(config, mesh, batches):
   """Losses of each step and the final state (gathered to host), on `mesh`."""
   trainer = train.build_trainer(config, mesh)
-  state = trainer.init_state()
+  state, frozen = trainer.init_state(), trainer.frozen()
   losses = []
   for b in batches:
-    state, m = trainer.p_step(state, {"image": jax.device_put(b, trainer.batch_sharding)})
+    state, m = trainer.p_step(state, frozen, {"image": jax.device_put(b, trainer.batch_sharding)})
     losses.append(float(m["loss/total"]))
   return np.array(losses), jax.device_get(state)
 
@@ -87,12 +87,12 @@ def test_fsdp_per_device_state_bytes_are_an_eighth():
 
   def state_bytes(mesh_shape):
     trainer = train.build_trainer(config, sharding.create_mesh(mesh_shape))
-    compiled = trainer.p_step.lower(trainer.abstract_state,
-                                    trainer.abstract_batch(config)).compile()
+    compiled = trainer.p_step.lower(*trainer.abstract_args(config)).compile()
     batch = trainer.abstract_batch(config)["image"]
     batch_bytes = np.prod(batch.sharding.shard_shape(batch.shape)) * batch.dtype.itemsize
     analysed = compiled.memory_analysis().argument_size_in_bytes - batch_bytes
-    planned = sharding.per_device_bytes(trainer.abstract_state, trainer.state_sharding)
+    planned = (sharding.per_device_bytes(trainer.abstract_state, trainer.state_sharding)
+               + sharding.per_device_bytes(trainer.abstract_frozen, trainer.frozen_sharding))
     assert abs(analysed - planned) <= 0.01 * planned, (analysed, planned)
     return analysed
 
@@ -161,8 +161,7 @@ def _short_run_config(*, full_objective=False, **kw):
 
 def test_restore_onto_a_different_mesh(tmp_path):
   config = _short_run_config(mesh_shape=(8, 1, 1), full_objective=True)
-  state = jax.device_get(checkpoint.without_frozen(train.train_and_evaluate(config,
-                                                                           str(tmp_path))))
+  state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [4, 8]
   # 8 devices data-parallel -> 4 devices FSDP
@@ -176,7 +175,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     np.testing.assert_array_equal(a, b)
   # and training continues there
   batch = jax.device_put(_batches(config, 1)[0], trainer.batch_sharding)
-  restored, m = trainer.p_step(trainer.with_frozen(restored), {"image": batch})
+  restored, m = trainer.p_step(restored, trainer.frozen(), {"image": batch})
   assert int(restored.step) == 9 and np.isfinite(float(m["loss/total"]))
 
 

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from conftest import require
-from softvq_jax.convert import timm_vit
+from softvq_jax.convert import resample, timm_vit
 from softvq_jax.convert.safetensors_io import CheckpointError
 from softvq_jax.models import vit
 
@@ -85,7 +85,7 @@ def test_resize_matrix_matches_torch_interpolate():
     eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, 1, n_in)
     ref = torch.nn.functional.interpolate(eye, size=(1, n_out), mode="bicubic", antialias=True,
                                           align_corners=False)
-    np.testing.assert_allclose(vit.resize_weight_matrix(n_in, n_out),
+    np.testing.assert_allclose(resample.resize_weight_matrix(n_in, n_out),
                                ref.reshape(n_in, n_out).numpy().T, atol=1e-7)
 
 

@@ -4,7 +4,7 @@ Used for the tokenizer encoder's DINOv2 initialisation, the DINO discriminator b
 REPA teacher. A pretrained DINOv2 is a patch-14 model at 518 px (37x37 grid) while the tokenizer
 builds patch-16 models at 256/512 px, so, as timm does when it loads such a checkpoint into a
 differently built model, the position-embedding grid is resampled (bicubic, antialiased, prefix
-tokens kept) and the patch kernel is PI-resized (`models/vit.py`).
+tokens kept) and the patch kernel is PI-resized (`convert/resample.py`).
 
 Accepted files: `.safetensors` (NumPy only), `.npz`, or a PyTorch `.pth`/`.bin` (needs torch,
 imported only here). DINO's original checkpoint (`dino_deitsmall16_pretrain.pth`) already uses
@@ -19,7 +19,8 @@ import numpy as np
 
 from softvq_jax.convert.safetensors_io import CheckpointError, read_safetensors
 from softvq_jax.convert.state_dict import load_state_dict
-from softvq_jax.models.vit import VisionTransformer, resample_patch_kernel, resample_pos_embed
+from softvq_jax.convert.resample import resample_patch_kernel, resample_pos_embed
+from softvq_jax.models.vit import VisionTransformer
 
 # Parts of timm checkpoints that the trunk does not use: classifier heads and their norms, the
 # DINOv2 mask token (masked-image-modelling only).

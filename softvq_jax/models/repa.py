@@ -9,7 +9,7 @@ a frozen DINOv2 teacher:
 
 Only the projector is trained; the teacher is frozen and its features are stop-gradient. The
 reference multiplies the loss by `repa_loss_weight` (0.1) inside the model; here `repa_loss` is
-unweighted and the train step applies the weight, like every other term (`losses.py`).
+unweighted and the objective applies the weight, like every other term (softvq_jax/objective.py).
 
 Official checkpoints saved with REPA on carry `projection.{0,2,4}.{weight,bias}` (REPA's
 `build_mlp`: Sequential(Linear, SiLU, Linear, SiLU, Linear)) and `repa_model.*` (the teacher).
@@ -17,8 +17,6 @@ Official checkpoints saved with REPA on carry `projection.{0,2,4}.{weight,bias}`
 prefix="projection.")` / `export_state_dict(proj, "projection.")` read and write exactly those keys.
 """
 from __future__ import annotations
-
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +82,8 @@ def build_repa_teacher(size: str = "L", img_size: int = 256, patch_size: int = 1
   That is what the reference's `create_model(repa_model, pretrained=True, img_size=S,
   patch_size=16)` builds: class token, no register tokens, LayerScale, final LayerNorm, exact GELU.
   size: a `models.vit.VIT_SIZES` key ("S", "B", "L"; the recipe uses "L"). depth overrides the
-  number of blocks (tests only). Load weights with `load_repa_teacher` /
-  `convert.timm_vit.load_timm_vit`.
+  number of blocks (tests only). Load weights with `pretrained.repa_teacher_from_weights`
+  (softvq_jax/pretrained.py).
   """
   if size not in VIT_SIZES:
     raise ValueError(f"REPA teacher size {size!r} is not one of {sorted(VIT_SIZES)}")
@@ -94,30 +92,6 @@ def build_repa_teacher(size: str = "L", img_size: int = 256, patch_size: int = 1
       img_size=img_size, patch_size=patch_size, width=width,
       depth=default_depth if depth is None else depth, num_heads=heads, class_token=True,
       layer_scale_init=1e-5, attention_backend=attention_backend, remat=remat, rngs=rngs)
-
-
-def load_repa_teacher(path_or_state_dict: str | Mapping, size: str = "L", img_size: int = 256,
-                      patch_size: int = 16, *, depth: int | None = None,
-                      attention_backend: str = "auto", rngs: nnx.Rngs | None = None
-                      ) -> VisionTransformer:
-  """Builds the teacher and loads timm DINOv2 weights (.safetensors / .npz / .pth or a dict).
-
-  A pretrained DINOv2 (patch 14, 518 px) is adapted as timm does when the reference creates it at
-  patch 16 / img_size S: pos_embed grid resampled bicubic-antialiased (class token kept apart),
-  patch kernel PI-resized (`convert/timm_vit.py`; equality with timm's `checkpoint_filter_fn` is
-  tested in tests/test_repa.py and tests/test_vit.py). Loading is strict: a checkpoint of another
-  size, or one with register tokens, fails with a `CheckpointError` listing the keys.
-  """
-  # Imported here: the converters are not needed by a train step that gets a built teacher.
-  from softvq_jax.convert import timm_vit  # pylint: disable=import-outside-toplevel
-  model = build_repa_teacher(size, img_size, patch_size, depth=depth,
-                             attention_backend=attention_backend,
-                             rngs=rngs if rngs is not None else nnx.Rngs(0))
-  if isinstance(path_or_state_dict, Mapping):
-    timm_vit.load_timm_vit(model, path_or_state_dict, source="REPA teacher state dict")
-  else:
-    timm_vit.load_timm_vit_file(model, str(path_or_state_dict))
-  return model
 
 
 def imagenet_normalize(images: Array) -> Array:

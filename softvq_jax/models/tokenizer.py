@@ -186,5 +186,14 @@ def abstract_tokenizer(cfg: TokenizerConfig) -> SoftVQTokenizer:
   return nnx.eval_shape(lambda: SoftVQTokenizer(cfg, rngs=shape_only_rngs(0)))
 
 
+def split_model(model: SoftVQTokenizer):
+  """(graphdef, params): the tokenizer must hold nothing but parameters (no mutable state)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"the tokenizer has non-parameter state, which TrainState does not carry: "
+                     f"{jax.tree.map(jnp.shape, rest)}")
+  return graphdef, params
+
+
 def count_params(module: nnx.Module) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
