@@ -201,7 +201,8 @@ def run(config, *, batch_size: int | None, repeats: int, window_s: float, framew
       "benchmark": "encode_decode", "config": config_name, "model": model_name(config),
       "image_size": s, "num_latent_tokens": cfg.num_latent_tokens, "batch_size": batch_size,
       "compute_dtype": compute_dtype,
-      "attention_backend": (vit._default_backend(cfg.dtype)  # pylint: disable=protected-access
+      "attention_backend": (vit._default_backend(  # pylint: disable=protected-access
+                                cfg.dtype, vit.resolve_platform(cfg.platform))
                             if cfg.attention_backend == "auto" else cfg.attention_backend),
       "device": {"jax": f"{backend}:{jax.devices()[0].device_kind}", "torch": torch_device,
                  "cpu": cpu_model(), "cpus": cpus},

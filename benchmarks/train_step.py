@@ -53,8 +53,8 @@ Why the comparison is honest:
 
 FLOPs: XLA's cost analysis of our lowered step (`train.train_step_flops`), used for both
 frameworks' achieved GFLOP/s (the same model math). MFU = FLOPs / step time / peak, with the peak
-from `--peak_flops`, else `config.peak_flops_per_device`, else the chip table in softvq_jax/hardware.py (the
-CPU has no entry: MFU is null there, GFLOP/s is always reported).
+from `--peak_flops`, else `config.peak_flops_per_device`, else the chip table in
+softvq_jax/hardware.py (the CPU has no entry: MFU is null there, GFLOP/s is always reported).
 """
 from __future__ import annotations
 
@@ -429,7 +429,8 @@ def run(config, *, repeats: int = 3, steps_per_window: int = 1, warmup_steps: in
   load_before = os.getloadavg()[0]
   times = _timed_windows(fns, repeats)
 
-  backend_name = (vit._default_backend(cfg.dtype)  # pylint: disable=protected-access
+  backend_name = (vit._default_backend(  # pylint: disable=protected-access
+                      cfg.dtype, vit.resolve_platform(cfg.platform))
                   if cfg.attention_backend == "auto" else cfg.attention_backend)
   result = {
       "benchmark": "train_step", "objective": "pixel", "config": config_name,

@@ -144,8 +144,7 @@ def from_training_checkpoint(step_dir: str, *, compute_dtype=None,
   """EMA weights of one of our step directories (`checkpoint.resolve_step_dir`)."""
   from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel  # imports Orbax
   meta = checkpoint.read_json_item(step_dir, "metadata")
-  fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
-  cfg = TokenizerConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+  cfg = TokenizerConfig.from_dict(meta["model"])
   cfg = _with_overrides(cfg, compute_dtype, attention_backend)
   graphdef, abstract = split_model(abstract_tokenizer(cfg))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

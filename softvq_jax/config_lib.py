@@ -16,6 +16,7 @@ from softvq_jax.models import vit
 VIT_SIZES = vit.VIT_SIZES
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax")
+PLATFORMS = vit.PLATFORMS
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("demo", "folder", "tfds")
 OPTIMIZERS = ("adamw", "adam")
@@ -52,6 +53,10 @@ def model_config(variant: variants.Variant):
       # Activations/matmuls; parameters stay float32. bfloat16 on TPU/GPU, float32 on CPU.
       compute_dtype="bfloat16",
       attention_backend="auto",
+      # The platform the graphs are built for ("cpu", "gpu", "tpu"): it picks the "auto"
+      # attention kernel and CPU-only graph changes (softvq_jax/models/vit.py). "auto" = the
+      # backend of the process that builds the model; --mode=compile sets it for its target.
+      platform="auto",
       # Rematerialise every transformer block in the backward pass (saves activation memory).
       remat=False,
       # Scalar latent statistics for generators: z_norm = (z - vq_mean) / vq_std. Defaults: the
@@ -284,6 +289,8 @@ def validate(config) -> None:
     bad("model.compute_dtype", f"{m.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
   if m.attention_backend not in ATTENTION_BACKENDS:
     bad("model.attention_backend", f"{m.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+  if m.platform not in PLATFORMS:
+    bad("model.platform", f"{m.platform!r} is not one of {PLATFORMS}")
   if not m.vq_std > 0:
     bad("model.vq_std", f"must be > 0, got {m.vq_std}")
   if config.data.source not in DATA_SOURCES:

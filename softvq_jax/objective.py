@@ -83,13 +83,14 @@ def _disc_kwargs(config) -> dict:
   return dict(img_size=d.img_size, patch_size=d.patch_size, width=width, depth=depth,
               num_heads=heads, readout_blocks=tuple(d.readout_blocks),
               head_kernel_size=d.head_kernel_size, dtype=jnp.dtype(config.model.compute_dtype),
-              attention_backend=config.model.attention_backend)
+              attention_backend=config.model.attention_backend, platform=config.model.platform)
 
 
 def _teacher_kwargs(config) -> dict:
   r = config.repa
   return dict(size=r.teacher_size, img_size=config.image_size, patch_size=r.patch_size,
-              depth=r.teacher_depth or None, attention_backend=config.model.attention_backend)
+              depth=r.teacher_depth or None, attention_backend=config.model.attention_backend,
+              platform=config.model.platform)
 
 
 def build_objective(config) -> Objective:

@@ -30,6 +30,7 @@ LAYERS = (
     ("public API", ("api",)),
     ("evaluation and latents", ("evaluate", "latents")),
     ("training loop", ("train",)),
+    ("cost model", ("cost_model",)),
     ("tools over the trainer", ("compile_plan", "preflight")),
     ("command line", ("main",)),
 )

@@ -296,7 +296,8 @@ class DinoDiscriminator(nnx.Module):
   def __init__(self, *, img_size: int = 224, patch_size: int = 16, width: int = 384,
                depth: int = 12, num_heads: int = 6, readout_blocks: Sequence[int] = (2, 5, 8, 11),
                head_kernel_size: int = 9, bn_eps: float = 1e-6, bn_momentum: float = 0.1,
-               dtype=jnp.float32, attention_backend: str = "auto", rngs: nnx.Rngs):
+               dtype=jnp.float32, attention_backend: str = "auto", platform: str = "auto",
+               rngs: nnx.Rngs):
     if any(not 0 <= i < depth for i in readout_blocks):
       raise ValueError(f"readout_blocks {tuple(readout_blocks)} must lie in 0..{depth - 1}")
     self.img_size = img_size
@@ -306,7 +307,7 @@ class DinoDiscriminator(nnx.Module):
     self.backbone = vit.VisionTransformer(
         img_size=img_size, patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
         layer_scale_init=None, gelu_approximate=True, attention_backend=attention_backend,
-        rngs=rngs)
+        platform=platform, rngs=rngs)
     self.heads = nnx.List([
         Head(width, head_kernel_size, bn_eps=bn_eps, bn_momentum=bn_momentum, rngs=rngs)
         for _ in range(1 + len(self.readout_blocks))])

@@ -76,7 +76,8 @@ class REPAProjector(nnx.Module):
 
 def build_repa_teacher(size: str = "L", img_size: int = 256, patch_size: int = 16, *,
                        rngs: nnx.Rngs, depth: int | None = None,
-                       attention_backend: str = "auto", remat: bool = False) -> VisionTransformer:
+                       attention_backend: str = "auto", remat: bool = False,
+                       platform: str = "auto") -> VisionTransformer:
   """timm's `vit_{small,base,large}_patch14_dinov2` built at `patch_size` / `img_size` (random init).
 
   That is what the reference's `create_model(repa_model, pretrained=True, img_size=S,
@@ -91,7 +92,8 @@ def build_repa_teacher(size: str = "L", img_size: int = 256, patch_size: int = 1
   return VisionTransformer(
       img_size=img_size, patch_size=patch_size, width=width,
       depth=default_depth if depth is None else depth, num_heads=heads, class_token=True,
-      layer_scale_init=1e-5, attention_backend=attention_backend, remat=remat, rngs=rngs)
+      layer_scale_init=1e-5, attention_backend=attention_backend, remat=remat, platform=platform,
+      rngs=rngs)
 
 
 def imagenet_normalize(images: Array) -> Array:

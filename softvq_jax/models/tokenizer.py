@@ -43,15 +43,21 @@ class TokenizerConfig:
   compute_dtype: str = "float32"
   attention_backend: str = "auto"
   remat: bool = False
+  platform: str = "auto"   # what the graph is built for (models/vit.py resolve_platform)
   vq_mean: float = 0.0
   vq_std: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> "TokenizerConfig":
     """From a full run config (uses `config.model` and `config.image_size`)."""
+    return cls.from_dict(dict(config.model.to_dict(), image_size=config.image_size))
+
+  @classmethod
+  def from_dict(cls, d) -> "TokenizerConfig":
+    """From a mapping of field values (e.g. a checkpoint's metadata "model"); keys that are not
+    fields (other config.model entries, fields of newer versions) are ignored."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in config.model.to_dict().items() if k in fields}
-    return cls(image_size=config.image_size, **kw)
+    return cls(**{k: v for k, v in dict(d).items() if k in fields})
 
   def replace(self, **kw) -> "TokenizerConfig":
     return dataclasses.replace(self, **kw)
@@ -86,7 +92,7 @@ def _vit(cfg: TokenizerConfig, size: str, *, class_token: bool, with_patch_embed
       img_size=cfg.image_size, patch_size=cfg.patch_size, width=width, depth=depth,
       num_heads=heads, class_token=class_token, layer_scale_init=cfg.layer_scale_init,
       with_patch_embed=with_patch_embed, attention_backend=cfg.attention_backend,
-      remat=cfg.remat, rngs=rngs)
+      remat=cfg.remat, platform=cfg.platform, rngs=rngs)
 
 
 class Encoder(nnx.Module):

@@ -102,25 +102,39 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def _default_backend(dtype) -> str:
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+
+
+def resolve_platform(platform: str = "auto") -> str:
+  """The platform a model is built for: "cpu", "gpu" or "tpu"; "auto" = this process's default
+  backend, read once when the model is built (not at trace time: softvq_jax/compile_plan.py
+  builds TPU programs on a CPU host by passing "tpu" explicitly)."""
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform {platform!r} is not one of {PLATFORMS}")
+  return jax.default_backend() if platform == "auto" else platform
+
+
+def _default_backend(dtype, platform: str) -> str:
   """cuDNN flash attention on GPU for 16-bit compute; plain einsum attention everywhere else.
 
   On XLA:CPU `jax.nn.dot_product_attention` measured ~2x slower than the einsum for ViT-B, and
   cuDNN's fused kernel only takes float16/bfloat16.
   """
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
 
 
-def attention(q: Array, k: Array, v: Array, backend: str = "auto") -> Array:
+def attention(q: Array, k: Array, v: Array, backend: str = "auto",
+              platform: str = "auto") -> Array:
   """Softmax attention without mask. q, k, v: [B, T, H, Dh] -> [B, T, H, Dh].
 
   backends: "xla" (einsum, softmax in float32), "cudnn" (fused flash attention on NVIDIA GPUs),
-  "jax" (`jax.nn.dot_product_attention`'s default XLA lowering), "auto" (chosen per device).
+  "jax" (`jax.nn.dot_product_attention`'s default XLA lowering), "auto" (chosen for `platform`
+  and the compute dtype).
   """
   if backend == "auto":
-    backend = _default_backend(q.dtype)
+    backend = _default_backend(q.dtype, resolve_platform(platform))
   scale = q.shape[-1] ** -0.5
   if backend == "xla":
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -136,18 +150,19 @@ class Attention(nnx.Module):
   """timm Attention: fused qkv Linear (output laid out q|k|v, each head-major) and proj."""
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, backend: str = "auto",
-               rngs: nnx.Rngs):
+               platform: str = "auto", rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
     self.num_heads = num_heads
     self.backend = backend
+    self.platform = resolve_platform(platform)
     self.qkv = Dense(dim, 3 * dim, axes=("embed", "qkv"), use_bias=qkv_bias, rngs=rngs)
     self.proj = Dense(dim, dim, axes=("heads", "embed"), rngs=rngs)
 
   def __call__(self, x: Array) -> Array:  # [B, T, D] -> [B, T, D]
     b, t, d = x.shape
     qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.backend)
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.backend, self.platform)
     return self.proj(out.reshape(b, t, d))
 
 
@@ -178,9 +193,9 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
                layer_scale_init: float | None = 1e-5, gelu_approximate: bool = False,
-               attention_backend: str = "auto", rngs: nnx.Rngs):
+               attention_backend: str = "auto", platform: str = "auto", rngs: nnx.Rngs):
     self.norm1 = LayerNorm(dim, rngs=rngs)
-    self.attn = Attention(dim, num_heads, backend=attention_backend, rngs=rngs)
+    self.attn = Attention(dim, num_heads, backend=attention_backend, platform=platform, rngs=rngs)
     self.norm2 = LayerNorm(dim, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate=gelu_approximate, rngs=rngs)
     if layer_scale_init is None:
@@ -249,7 +264,7 @@ class VisionTransformer(nnx.Module):
                mlp_ratio: float = 4.0, class_token: bool = True,
                layer_scale_init: float | None = 1e-5, gelu_approximate: bool = False,
                in_chans: int = 3, with_patch_embed: bool = True, attention_backend: str = "auto",
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool = False, platform: str = "auto", rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     self.img_size = img_size
@@ -257,6 +272,7 @@ class VisionTransformer(nnx.Module):
     self.grid = img_size // patch_size
     self.width = width
     self.remat = remat
+    self.platform = resolve_platform(platform)
     self.num_prefix_tokens = 1 if class_token else 0
     self.patch_embed = (PatchEmbed(patch_size, in_chans, width, rngs=rngs)
                         if with_patch_embed else None)
@@ -267,7 +283,8 @@ class VisionTransformer(nnx.Module):
                                 (None, None, "embed"))
     self.blocks = nnx.List([
         Block(width, num_heads, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init,
-              gelu_approximate=gelu_approximate, attention_backend=attention_backend, rngs=rngs)
+              gelu_approximate=gelu_approximate, attention_backend=attention_backend,
+              platform=self.platform, rngs=rngs)
         for _ in range(depth)])
     self.norm = LayerNorm(width, rngs=rngs)
 
@@ -291,7 +308,7 @@ class VisionTransformer(nnx.Module):
     """Runs all blocks (and the final norm). Returns x, or (x, [outputs of blocks in collect])."""
     feats = []
     for i, block in enumerate(self.blocks):
-      x = _call_block(block, x, self.remat)
+      x = _call_block(block, x, self.remat, self.platform)
       if i in collect:
         feats.append(x)
     if final_norm:
@@ -332,8 +349,8 @@ def _materialize_bwd(_, g):
 materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
 
 
-def _call_block(block: Block, x: Array, remat: bool) -> Array:
-  if jax.default_backend() == "cpu":  # GPU/TPU graphs are left as they were (not measured there)
+def _call_block(block: Block, x: Array, remat: bool, platform: str) -> Array:
+  if platform == "cpu":  # GPU/TPU graphs are left as they were (not measured there)
     x = materialize_cotangent(x)
   if not remat:
     return block(x)
