@@ -55,6 +55,18 @@ def _ours_from_torch(model, cfg):
   return ours
 
 
+_jitted_apply = jax.jit(sit_lib.sit_apply, static_argnums=0)
+
+
+def _apply(model, x, t, y):
+  """The network through the pure-function form used inside jax.jit (eager calls compile every
+  op separately: minutes on a loaded 2-core CPU), float32 at full matmul precision."""
+  graphdef, state = nnx.split(model)
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(_jitted_apply(graphdef, state, jnp.asarray(x), jnp.asarray(t),
+                                    jnp.asarray(y)))
+
+
 def _inputs(cfg, batch=3, seed=0):
   rng = np.random.RandomState(seed)
   x = rng.randn(batch, *cfg.input_shape).astype(np.float32)
@@ -105,16 +117,10 @@ def test_network_matches_official_pytorch(name):
   ours = _ours_from_torch(model, cfg)
   x, t, y = _inputs(cfg)
   ref = _torch_forward(model, cfg, x, t, y)
-  with jax.default_matmul_precision("highest"):
-    out = np.asarray(ours(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
+  out = _apply(ours, x, t, y)
   assert out.shape == ref.shape == (3,) + cfg.input_shape[:-1] + (cfg.out_channels,)
   assert np.abs(ref).max() > 0.1  # perturbed weights: the output is not a near-zero constant
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
-  # the pure-function form used inside jax.jit gives the same
-  graphdef, state = nnx.split(ours)
-  with jax.default_matmul_precision("highest"):
-    jitted = jax.jit(sit_lib.sit_apply, static_argnums=0)(graphdef, state, x, t, y)
-  np.testing.assert_allclose(np.asarray(jitted), ref, atol=1e-4, rtol=0)
 
 
 def test_init_follows_the_official_rules():
@@ -130,7 +136,7 @@ def test_init_follows_the_official_rules():
                                model.pos_embed.detach().numpy(), atol=1e-6)
     assert isinstance(ours.pos_embed, sit_lib.FixedPosEmbed)  # stored, not an nnx.Param
     x, t, y = _inputs(cfg)
-    assert np.all(np.asarray(ours(x, t, y)) == 0)
+    assert np.all(_apply(ours, x, t, y) == 0)
   del torch
   d = SMALL["hidden_size"]
   for blk in ours.blocks:
@@ -205,8 +211,7 @@ def test_save_pretrained_directory_loads_strictly_and_matches(tmp_path):
     ours = sit_lib.build_sit(cfg.replace(attention_backend="xla"), seed=5)
     gen_official.load_generator_weights(ours, d)
     x, t, y = _inputs(cfg, seed=1)
-    with jax.default_matmul_precision("highest"):
-      out = np.asarray(ours(x, t, y))
+    out = _apply(ours, x, t, y)
     np.testing.assert_allclose(out, _torch_forward(model, cfg, x, t, y), atol=1e-4, rtol=0)
 
 
@@ -226,8 +231,7 @@ def test_export_loads_in_pytorch_strictly(tmp_path):
     back = cls.from_pretrained(str(d)).eval()
     back.load_state_dict(st.load_file(str(d / "model.safetensors")), strict=True)
     x, t, y = _inputs(cfg, seed=2)
-    with jax.default_matmul_precision("highest"):
-      out = np.asarray(ours(x, t, y))
+    out = _apply(ours, x, t, y)
     np.testing.assert_allclose(out, _torch_forward(back, cfg, x, t, y), atol=1e-4, rtol=0)
     assert gen_official.read_generator_config(d) == cfg.replace(attention_backend="auto")
   del torch
