@@ -12,6 +12,9 @@ Modes:
   compile      ahead-of-time compile the train step for --target (a TPU slice like v5e-64, or a
                GPU node like 8xH100) without that hardware: per-device memory vs HBM and FLOPs per
                step in <workdir>/compile_<target>.json; exits non-zero when it does not fit.
+  sample       images from a generator (--checkpoint: SiT/DiT, else randomly initialised from
+               config.generator) decoded by --tokenizer: <workdir>/samples.png, and with
+               --config.sample.num_images=N all N as resumable .npz chunks (softvq_jax/generate.py).
   reconstruct  encode + decode a batch of evaluation images (the embedded demo photographs by
                default) with a tokenizer — random-initialised from the config, or loaded with
                `--checkpoint` (an official-format directory or hub id) — and write
@@ -49,7 +52,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for outputs (logs, images, checkpoints)")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "reconstruct", "eval", "stats", "extract", "compile"],
+                          ["train", "reconstruct", "eval", "stats", "extract", "compile",
+                           "sample"],
                           "what to run")
 _TARGET = flags.DEFINE_string("target", None, "--mode=compile: hardware to plan for, e.g. v5e-64, "
                               "v4-32, v5p-128, v6e-16, 8xH100, 2x8xH100, cpu-8")
@@ -61,6 +65,9 @@ _CHECKPOINT = flags.DEFINE_string(
     "tokenizer to load (official-format dir, hub id, or a workdir of ours); default: reconstruct "
     "initialises randomly from --config, eval/stats/extract use --workdir's newest checkpoint")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "images to reconstruct")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "--mode=sample: the tokenizer that decodes the generator's tokens (what "
+    "load_tokenizer accepts); default: randomly initialised from --config")
 
 
 def reconstruct(config, workdir: str) -> dict:
@@ -160,7 +167,9 @@ class UserError(Exception):
 def _user_error_types() -> tuple[type[BaseException], ...]:
   """Exceptions that name a user's mistake and its fix (the modules raise them with a message)."""
   from softvq_jax import data_sources, fetch, preflight  # pylint: disable=import-outside-toplevel
-  return (UserError, preflight.PreflightError, data_sources.DataSourceError, fetch.FetchError)
+  from softvq_jax import generate  # pylint: disable=import-outside-toplevel
+  return (UserError, preflight.PreflightError, data_sources.DataSourceError, fetch.FetchError,
+          generate.SampleError)
 
 
 def _fail(message: str) -> None:
@@ -262,6 +271,10 @@ def _run(config) -> None:
   elif _MODE.value == "extract":
     from softvq_jax import latents  # pylint: disable=import-outside-toplevel
     print(json.dumps(latents.extract_tokens(config, _WORKDIR.value, _CHECKPOINT.value)))
+  elif _MODE.value == "sample":
+    from softvq_jax import generate  # pylint: disable=import-outside-toplevel
+    print(json.dumps(generate.run(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
+                                  tokenizer=_TOKENIZER.value), default=str))
 
 
 if __name__ == "__main__":
