@@ -297,3 +297,24 @@ def test_config_fields(tmp_path):
   # no null row without label dropout, as in the reference
   cfg0 = gen_official.config_from_official(dict(config, class_dropout_prob=0.0))
   assert sit_lib.abstract_sit(cfg0).y_embedder.embedding_table.weight.shape == (1000, 64)
+
+
+def test_sample_benchmark_runs():
+  """benchmarks/sample.py end to end on the micro size: parity guard passed, both frameworks and
+  both forms timed, one JSON line (so BENCHMARKS.md's commands keep working)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  require("torch")
+  root = os.path.join(os.path.dirname(__file__), "..")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/sample.py", "--size=micro", "--batch_size=2", "--repeats=1",
+       "--window_s=0", "--tokens=8", "--channels=4", "--latent_size=8"],
+      cwd=root, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stdout
+  result = json.loads(lines[0])
+  for form, seq in (("1d", 8), ("2d", 16)):
+    r = result["forms"][form]
+    assert r["sequence_length"] == seq and r["parity_float32"]["max_abs_diff"] <= 1e-3
+    assert r["jax"]["img_s"] > 0 and r["torch"]["img_s"] > 0
+  assert result["ratio_1d_over_2d"]["jax"] > 0

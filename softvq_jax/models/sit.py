@@ -394,7 +394,26 @@ class SiT(nnx.Module):
     return unpatchify(out, cfg.patch_size, (cfg.grid, cfg.grid), cfg.out_channels)
 
 
-def build_sit(cfg: SiTConfig, seed: int = 0) -> SiT:
+def build_sit(cfg: SiTConfig | None = None, seed: int = 0, *, compute_dtype: str | None = None,
+              **fields) -> SiT:
+  """A randomly initialised network from a SiTConfig, or from the official constructor's
+  keyword arguments (config.json names: input_size, patch_size, in_channels, hidden_size, depth,
+  num_heads, vae_1d, mlp_ratio, num_classes, class_dropout_prob, learn_sigma, qk_norm=False),
+  e.g. `build_sit(input_size=64, in_channels=32, vae_1d=True, patch_size=1, **XL)`.
+  A network with learn_sigma=True is a DiT (kind="dit") unless `kind` says otherwise."""
+  if cfg is None:
+    if fields.pop("qk_norm", False):
+      raise ValueError("qk_norm=True is not supported (the released generators have qk_norm=False)")
+    known = {f.name for f in dataclasses.fields(SiTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise TypeError(f"build_sit: unknown field(s) {unknown}; SiTConfig has {sorted(known)}")
+    fields.setdefault("kind", "dit" if fields.get("learn_sigma") else "sit")
+    cfg = SiTConfig(**fields)
+  elif fields:
+    raise TypeError(f"build_sit: pass either a SiTConfig or fields, not both ({sorted(fields)})")
+  if compute_dtype is not None:
+    cfg = cfg.replace(compute_dtype=jnp.dtype(compute_dtype).name)
   return SiT(cfg, rngs=nnx.Rngs(seed))
 
 
