@@ -158,6 +158,27 @@ def _setup_jax() -> None:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    _no_one_sided_compilation_cache(jax)
+
+
+def _no_one_sided_compilation_cache(jax) -> None:
+  """Turns JAX's persistent compilation cache off for multi-process runs on the CPU backend.
+
+  Why: JAX writes cache entries from process 0 only, and on CPU the cache key includes the device
+  assignment, so only process 0 ever finds its programs again (measured, JAX 0.10, 2 processes:
+  on a rerun process 0 loaded the program from the cache, process 1 compiled it anew). A resumed
+  run then has process 0 start the first step while process 1 still compiles the train step (a
+  minute or more on a small CPU), and the first cross-process collective fails with a gloo
+  timeout. Compiling on every process keeps them in step. GPU (device assignment stripped from
+  the key) and TPU slices share entries between processes and keep the cache.
+  """
+  if (jax.process_count() > 1 and jax.default_backend() == "cpu"
+      and jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
+    jax.config.update("jax_enable_compilation_cache", False)
+    logging.warning("persistent compilation cache (%s) turned off: in multi-process CPU runs only "
+                    "process 0 would find its programs in it, and the processes' first "
+                    "collective would time out while the others compile",
+                    jax.config.jax_compilation_cache_dir)
 
 
 class UserError(Exception):
