@@ -31,7 +31,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -43,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from softvq_jax import api, config_lib, paths, sampling, visualize
+from softvq_jax.convert.safetensors_io import CheckpointError
 from softvq_jax.models import sit as sit_lib
 
 CHUNK_PATTERN = "chunk_{:06d}.npz"
@@ -124,24 +124,10 @@ def generator_network_config(config, tokenizer_cfg) -> sit_lib.SiTConfig:
 
 
 def load_generator_network(checkpoint: str, compute_dtype: str | None = None):
-  """(SiTConfig, SiT) of a generator checkpoint, through the public `load_generator` when the
-  package has it, else an official-format directory read directly."""
-  try:
-    from softvq_jax import generator as generator_lib  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    generator_lib = None
-  if generator_lib is not None and hasattr(generator_lib, "load_generator"):
-    kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
-    gen = generator_lib.load_generator(checkpoint, **kw)
-    return gen.config, gen.model
-  from softvq_jax.convert import generator_official  # pylint: disable=import-outside-toplevel
-  cfg = generator_official.read_generator_config(checkpoint)
-  if compute_dtype:
-    cfg = cfg.replace(compute_dtype=compute_dtype)
-  graphdef, state = nnx.split(sit_lib.abstract_sit(cfg))
-  model = nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
-  generator_official.load_generator_weights(model, checkpoint)
-  return cfg, model
+  """(SiTConfig, SiT) of a generator checkpoint: what `softvq_jax.load_generator` accepts."""
+  from softvq_jax import generator as generator_lib  # pylint: disable=import-outside-toplevel
+  gen = generator_lib.load_generator(checkpoint, compute_dtype=compute_dtype or None)
+  return gen.config, gen.model
 
 
 def random_generator(cfg: sit_lib.SiTConfig, seed: int = 0) -> sit_lib.SiT:
@@ -318,9 +304,13 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
     raise SampleError(f"config.sample.batch_size={batch} is not a multiple of this process's "
                       f"{devices} devices (the batch is split over them); use e.g. "
                       f"--config.sample.batch_size={-(-batch // devices) * devices}")
-  tok = _load_tokenizer(config, tokenizer)
-  if checkpoint:
-    gen_cfg, generator = load_generator_network(checkpoint, config.generator.compute_dtype)
+  try:  # a wrong path / hub id is the user's mistake: one line, exit 2 (main.py)
+    tok = _load_tokenizer(config, tokenizer)
+    loaded = load_generator_network(checkpoint, config.generator.compute_dtype) if checkpoint else None
+  except CheckpointError as e:
+    raise SampleError(str(e)) from None
+  if loaded:
+    gen_cfg, generator = loaded
     logging.info("generator %s: %s", checkpoint, gen_cfg)
   else:
     gen_cfg = generator_network_config(config, tok.config)

@@ -166,6 +166,9 @@ def test_user_errors(tokenizer_dir, tmp_path):
   config.generator.in_channels = 8
   with pytest.raises(generate.SampleError, match="tokenizer"):
     generate.run(config, str(tmp_path), tokenizer=tokenizer_dir)
+  with pytest.raises(generate.SampleError, match="no such directory"):
+    generate.run(_config(), str(tmp_path), checkpoint=str(tmp_path / "missing"),
+                 tokenizer=tokenizer_dir)
   with pytest.raises(generate.SampleError, match="no generator section"):
     generate.run(tiny_config(), str(tmp_path), tokenizer=tokenizer_dir)
 
