@@ -435,7 +435,9 @@ def sample_config():
       cfg_scale=1.75,          # 1 = no guidance
       guidance_interval=(0.0, 0.7),
       path="cosine",           # SiT SDE: the path its score is derived with
-      noise_schedule="linear",  # DiT: beta schedule of its 1000-step diffusion
+      # DiT: beta schedule of its 1000-step diffusion (cosine: the published command; the
+      # official script's default is linear).
+      noise_schedule="cosine",
   ))
 
 
@@ -471,6 +473,9 @@ def validate_generation(config) -> None:
     bad("sample.mode", f"{s.mode!r} is not one of {SAMPLE_MODES}")
   if s.heun and s.mode != "ode":
     bad("sample.heun", "Heun's correction is for sample.mode='ode' only")
+  if g.kind == "dit" and (s.mode == "ode" or s.heun):
+    bad("sample.mode", "a DiT samples with DDPM; sample.mode='ode' and sample.heun are SiT "
+        "options (leave sample.mode='sde', which DiT ignores)")
   if s.path not in FLOW_PATHS:
     bad("sample.path", f"{s.path!r} is not one of {FLOW_PATHS}")
   if s.noise_schedule not in NOISE_SCHEDULES:

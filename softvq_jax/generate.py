@@ -242,6 +242,11 @@ def _existing_chunks(out_dir) -> dict[int, epath.Path]:
   return found
 
 
+def process_chunks(num_images: int, chunk_size: int, process: int, num_processes: int) -> list:
+  """The chunks process `process` of `num_processes` draws: k = process, process + P, ..."""
+  return list(range(process, -(-num_images // chunk_size), num_processes))
+
+
 def load_samples(out_dir) -> dict[str, np.ndarray]:
   """All chunks of a `--mode=sample` run, in image order: images uint8 [N, S, S, 3], labels [N],
   indices [N]. Fails naming the missing chunks if the run is incomplete."""
@@ -327,9 +332,15 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
   if generator is None:
     generator = random_generator(gen_cfg, seed=int(config.seed))
   options = sampler_options(s, gen_cfg.kind)
-  if any(int(v) > gen_cfg.num_classes for v in str(s.labels).split(",") if v.strip()):
+  ids = [int(v) for v in str(s.labels).split(",") if v.strip()]
+  if any(v > gen_cfg.num_classes for v in ids):
     raise SampleError(f"config.sample.labels={s.labels!r}: the generator has "
                       f"{gen_cfg.num_classes} classes")
+  if gen_cfg.class_dropout_prob <= 0 and (s.cfg_scale > 1 or gen_cfg.num_classes in ids):
+    # its label table has no null row: JAX would clamp label 1000 to another class silently
+    raise SampleError("this generator was trained without label dropout (class_dropout_prob = "
+                      "0), so it has no null class: use --config.sample.cfg_scale=1 and class "
+                      f"labels below {gen_cfg.num_classes}")
   sampler = ImageSampler(gen_cfg, generator, tok, options)
   proc, nproc = jax.process_index(), jax.process_count()
   workdir_path = paths.resolve(workdir)
@@ -344,7 +355,7 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
     out_dir = s.out_dir or str(workdir_path / "samples")
     _check_or_write_record(out_dir, _run_record(config, gen_cfg, checkpoint, tokenizer, options))
     size = int(s.chunk_size)
-    chunks = list(range(proc, -(-total // size), nproc))
+    chunks = process_chunks(total, size, proc, nproc)
     existing = _existing_chunks(out_dir)
     todo = [k for k in chunks if k not in existing]
     logging.info("sampling %d images in %d chunks of %d (this process: %d chunks, %d done "

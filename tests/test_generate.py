@@ -15,6 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from conftest import config_file, tiny_config
+import softvq_jax
 from softvq_jax import api, config_lib, generate
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
 
@@ -55,6 +56,14 @@ def test_class_balanced_labels():
   assert generate.class_labels(np.arange(5), 1000, "207, 360").tolist() == [207, 360] * 2 + [207]
   with pytest.raises(ValueError, match="sample.labels"):
     config_lib.validate_generation(_config(labels="3,1001"))
+
+
+def test_chunks_are_shared_out_over_processes():
+  """Every chunk is drawn by exactly one process, for any process count (a resumed job may run
+  on another number of hosts: chunks are found in every p<k>/ folder)."""
+  for total, size, nproc in [(50_000, 1000, 8), (20, 8, 3), (5, 8, 2), (16, 8, 4)]:
+    drawn = sorted(k for p in range(nproc) for k in generate.process_chunks(total, size, p, nproc))
+    assert drawn == list(range(-(-total // size)))
 
 
 def test_sample_writes_chunks_and_grid(first_run):
@@ -133,7 +142,7 @@ def test_dit_and_ode_grids(tokenizer_dir, tmp_path):
   config = _config(grid_images=8, steps=4, cfg_scale=2.0)
   config.generator.kind = "dit"
   summary = generate.run(config, str(tmp_path / "dit"), tokenizer=tokenizer_dir)
-  assert summary["kind"] == "dit" and summary["options"]["noise_schedule"] == "linear"
+  assert summary["kind"] == "dit" and summary["options"]["noise_schedule"] == "cosine"
   grid = np.asarray(Image.open(summary["grid"]))
   assert grid.shape == (36, 8 * 34 + 2, 3) and grid.std() > 1
 
@@ -152,6 +161,10 @@ def test_loaded_generator_checkpoint_samples_what_was_saved(perturbed_sampler, t
   again = generate.ImageSampler(loaded_cfg, loaded, tok, sampler.options)
   np.testing.assert_allclose(again.latents(labels, keys), sampler.latents(labels, keys),
                              atol=1e-5)
+  # the public Generator.sample(seed=s) draws what --mode=sample draws for images 0..B-1
+  gen = softvq_jax.load_generator(str(tmp_path / "gen"))
+  np.testing.assert_allclose(np.asarray(gen.sample(labels, seed=0, **sampler.options)),
+                             sampler.latents(labels, keys), atol=1e-5)
   summary = generate.run(_config(grid_images=8), str(tmp_path / "run"),
                          checkpoint=str(tmp_path / "gen"), tokenizer=tokenizer_dir)
   assert not summary["random_generator"] and os.path.exists(summary["grid"])
@@ -166,6 +179,10 @@ def test_user_errors(tokenizer_dir, tmp_path):
   config.generator.in_channels = 8
   with pytest.raises(generate.SampleError, match="tokenizer"):
     generate.run(config, str(tmp_path), tokenizer=tokenizer_dir)
+  dit = _config(mode="ode")
+  dit.generator.kind = "dit"
+  with pytest.raises(generate.SampleError, match="DDPM"):
+    generate.run(dit, str(tmp_path), tokenizer=tokenizer_dir)
   with pytest.raises(generate.SampleError, match="no such directory"):
     generate.run(_config(), str(tmp_path), checkpoint=str(tmp_path / "missing"),
                  tokenizer=tokenizer_dir)
