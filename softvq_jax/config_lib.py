@@ -379,3 +379,123 @@ def validate(config) -> None:
   shape = tuple(config.mesh_shape)
   if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     bad("mesh_shape", f"{shape} must be 3 sizes (data, fsdp, tensor), positive or one -1")
+
+
+# ================================================================================================
+# The generator side (issue 18): a SiT / DiT on the tokenizer's tokens and `--mode=sample`.
+# Separate from the tokenizer's sections above; `validate_generation(config)` checks them and is
+# called by softvq_jax/generate.py (configs without these sections do not sample).
+# ================================================================================================
+
+GENERATOR_KINDS = ("sit", "dit")
+SAMPLE_MODES = ("sde", "ode")
+FLOW_PATHS = ("linear", "cosine")
+NOISE_SCHEDULES = ("linear", "cosine")
+
+
+def generator_config(size: str = "XL", kind: str = "sit"):
+  """A SiT ("sit": flow matching, t in [0, 1]) or DiT ("dit": Gaussian diffusion, learn_sigma)
+  network over the tokenizer's tokens (spec 8.1, 8.4; softvq_jax/models/sit.py).
+
+  Used for a randomly initialised generator (`--mode=sample` without `--checkpoint`) and, from
+  issue 19 on, for training one. A loaded checkpoint brings its own architecture.
+  """
+  return ml_collections.ConfigDict(dict(
+      kind=kind,
+      size=size,               # a row of models/sit.py SIT_SIZES: S, B, L, XL (or micro for tests)
+      # 0 = the size's width / depth / heads; set all three for a custom network (demo_sit.py).
+      hidden_size=0,
+      depth=0,
+      num_heads=0,
+      mlp_ratio=4.0,
+      # 0 = from the tokenizer: input_size = model.num_latent_tokens, in_channels =
+      # model.codebook_embed_dim (the 1-D form, one transformer token per latent token).
+      input_size=0,
+      in_channels=0,
+      num_classes=1000,        # label num_classes (= 1000) is the null class
+      class_dropout_prob=0.1,
+      compute_dtype="float32",  # bfloat16 on GPU/TPU; the samplers' state stays float32
+      attention_backend="auto",
+  ))
+
+
+def sample_config():
+  """`--mode=sample` (softvq_jax/generate.py): the sampler and the images to write.
+
+  Defaults: the published gFID setting (spec 8.3: SDE, 250 steps, CFG 1.75 on t in [0, 0.7],
+  cosine path) — the reference script's own defaults are SDE, 50 steps, CFG 1.5 on [0, 1], linear.
+  """
+  return ml_collections.ConfigDict(dict(
+      # 0: only the PNG grid (grid_images). N > 0: all N images as .npz chunks (resumable) + grid.
+      num_images=0,
+      grid_images=16,          # images in <workdir>/samples.png (8 per row)
+      batch_size=32,           # images per sampling step on each process (multiple of its devices)
+      chunk_size=1000,         # images per .npz chunk (the unit of resume)
+      out_dir="",              # "" = <workdir>/samples
+      seed=0,                  # image i's noise depends on (seed, i) only
+      # Labels: "" = class-balanced over num_classes (image i gets class i % num_classes: 50 per
+      # class for 50k); else comma-separated class ids cycled over the images, e.g. "207,360,387".
+      labels="",
+      mode="sde",              # SiT: "sde" (Euler-Maruyama) | "ode" (Euler / Heun)
+      steps=250,               # SiT: sampler steps; DiT: respaced DDPM steps
+      heun=False,              # SiT ODE only
+      cfg_scale=1.75,          # 1 = no guidance
+      guidance_interval=(0.0, 0.7),
+      path="cosine",           # SiT SDE: the path its score is derived with
+      # DiT: beta schedule of its 1000-step diffusion (cosine: the published command; the
+      # official script's default is linear).
+      noise_schedule="cosine",
+  ))
+
+
+def validate_generation(config) -> None:
+  """Fail fast, naming the field, on generator / sample values `--mode=sample` cannot run with."""
+
+  def bad(field, msg):
+    raise ValueError(f"config.{field}: {msg}")
+
+  for section in ("generator", "sample"):
+    if section not in config:
+      bad(section, f"this config has no {section} section; use a generator config such as "
+          "configs/demo_sit.py, or add config_lib.generator_config() / sample_config()")
+  g, s = config.generator, config.sample
+  if g.kind not in GENERATOR_KINDS:
+    bad("generator.kind", f"{g.kind!r} is not one of {GENERATOR_KINDS}")
+  from softvq_jax.models import sit  # pylint: disable=import-outside-toplevel
+  custom = (g.hidden_size, g.depth, g.num_heads)
+  if any(custom) and not all(custom):
+    bad("generator.hidden_size", "set hidden_size, depth and num_heads together (or all 0 to use "
+        "generator.size)")
+  if not all(custom) and g.size not in sit.SIT_SIZES:
+    bad("generator.size", f"{g.size!r} is not one of {list(sit.SIT_SIZES)}")
+  for f in ("input_size", "in_channels"):
+    if g[f] < 0:
+      bad(f"generator.{f}", f"must be >= 0 (0 = from the tokenizer), got {g[f]}")
+  if s.num_images < 0 or s.grid_images < 0:
+    bad("sample.num_images", "num_images and grid_images must be >= 0")
+  for f in ("batch_size", "chunk_size", "steps"):
+    if s[f] <= 0:
+      bad(f"sample.{f}", f"must be positive, got {s[f]}")
+  if s.mode not in SAMPLE_MODES:
+    bad("sample.mode", f"{s.mode!r} is not one of {SAMPLE_MODES}")
+  if s.heun and s.mode != "ode":
+    bad("sample.heun", "Heun's correction is for sample.mode='ode' only")
+  if g.kind == "dit" and (s.mode == "ode" or s.heun):
+    bad("sample.mode", "a DiT samples with DDPM; sample.mode='ode' and sample.heun are SiT "
+        "options (leave sample.mode='sde', which DiT ignores)")
+  if s.path not in FLOW_PATHS:
+    bad("sample.path", f"{s.path!r} is not one of {FLOW_PATHS}")
+  if s.noise_schedule not in NOISE_SCHEDULES:
+    bad("sample.noise_schedule", f"{s.noise_schedule!r} is not one of {NOISE_SCHEDULES}")
+  if not s.cfg_scale >= 1:
+    bad("sample.cfg_scale", f"must be >= 1 (1 = no guidance), got {s.cfg_scale}")
+  interval = tuple(s.guidance_interval)
+  if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
+    bad("sample.guidance_interval", f"{interval} must be (low, high) with 0 <= low <= high <= 1")
+  try:
+    labels = [int(v) for v in str(s.labels).split(",") if v.strip()]
+  except ValueError:
+    bad("sample.labels", f"{s.labels!r} must be comma-separated class ids, e.g. '207,360'")
+  if any(not 0 <= v <= g.num_classes for v in labels):
+    bad("sample.labels", f"class ids must lie in 0..{g.num_classes} ({g.num_classes} = "
+        "unconditional)")

@@ -12,6 +12,9 @@ Modes:
   compile      ahead-of-time compile the train step for --target (a TPU slice like v5e-64, or a
                GPU node like 8xH100) without that hardware: per-device memory vs HBM and FLOPs per
                step in <workdir>/compile_<target>.json; exits non-zero when it does not fit.
+  sample       images from a generator (--checkpoint: SiT/DiT, else randomly initialised from
+               config.generator) decoded by --tokenizer: <workdir>/samples.png, and with
+               --config.sample.num_images=N all N as resumable .npz chunks (softvq_jax/generate.py).
   reconstruct  encode + decode a batch of evaluation images (the embedded demo photographs by
                default) with a tokenizer — random-initialised from the config, or loaded with
                `--checkpoint` (an official-format directory or hub id) — and write
@@ -49,7 +52,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for outputs (logs, images, checkpoints)")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "reconstruct", "eval", "stats", "extract", "compile"],
+                          ["train", "reconstruct", "eval", "stats", "extract", "compile",
+                           "sample"],
                           "what to run")
 _TARGET = flags.DEFINE_string("target", None, "--mode=compile: hardware to plan for, e.g. v5e-64, "
                               "v4-32, v5p-128, v6e-16, 8xH100, 2x8xH100, cpu-8")
@@ -61,6 +65,9 @@ _CHECKPOINT = flags.DEFINE_string(
     "tokenizer to load (official-format dir, hub id, or a workdir of ours); default: reconstruct "
     "initialises randomly from --config, eval/stats/extract use --workdir's newest checkpoint")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "images to reconstruct")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "--mode=sample: the tokenizer that decodes the generator's tokens (what "
+    "load_tokenizer accepts); default: randomly initialised from --config")
 
 
 def reconstruct(config, workdir: str) -> dict:
@@ -151,6 +158,27 @@ def _setup_jax() -> None:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    _no_one_sided_compilation_cache(jax)
+
+
+def _no_one_sided_compilation_cache(jax) -> None:
+  """Turns JAX's persistent compilation cache off for multi-process runs on the CPU backend.
+
+  Why: JAX writes cache entries from process 0 only, and on CPU the cache key includes the device
+  assignment, so only process 0 ever finds its programs again (measured, JAX 0.10, 2 processes:
+  on a rerun process 0 loaded the program from the cache, process 1 compiled it anew). A resumed
+  run then has process 0 start the first step while process 1 still compiles the train step (a
+  minute or more on a small CPU), and the first cross-process collective fails with a gloo
+  timeout. Compiling on every process keeps them in step. GPU (device assignment stripped from
+  the key) and TPU slices share entries between processes and keep the cache.
+  """
+  if (jax.process_count() > 1 and jax.default_backend() == "cpu"
+      and jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
+    jax.config.update("jax_enable_compilation_cache", False)
+    logging.warning("persistent compilation cache (%s) turned off: in multi-process CPU runs only "
+                    "process 0 would find its programs in it, and the processes' first "
+                    "collective would time out while the others compile",
+                    jax.config.jax_compilation_cache_dir)
 
 
 class UserError(Exception):
@@ -160,7 +188,9 @@ class UserError(Exception):
 def _user_error_types() -> tuple[type[BaseException], ...]:
   """Exceptions that name a user's mistake and its fix (the modules raise them with a message)."""
   from softvq_jax import data_sources, fetch, preflight  # pylint: disable=import-outside-toplevel
-  return (UserError, preflight.PreflightError, data_sources.DataSourceError, fetch.FetchError)
+  from softvq_jax import generate  # pylint: disable=import-outside-toplevel
+  return (UserError, preflight.PreflightError, data_sources.DataSourceError, fetch.FetchError,
+          generate.SampleError)
 
 
 def _fail(message: str) -> None:
@@ -262,6 +292,10 @@ def _run(config) -> None:
   elif _MODE.value == "extract":
     from softvq_jax import latents  # pylint: disable=import-outside-toplevel
     print(json.dumps(latents.extract_tokens(config, _WORKDIR.value, _CHECKPOINT.value)))
+  elif _MODE.value == "sample":
+    from softvq_jax import generate  # pylint: disable=import-outside-toplevel
+    print(json.dumps(generate.run(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
+                                  tokenizer=_TOKENIZER.value), default=str))
 
 
 if __name__ == "__main__":
