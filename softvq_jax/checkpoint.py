@@ -27,6 +27,7 @@ loading on one CPU without the mesh; failures that are loud):
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 from typing import Any
@@ -109,8 +110,19 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored.state
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+    except ValueError as e:
+      if "frozen" not in str(e):
+        raise
+    # Written before the frozen networks left the TrainState (issue 14): its state has one more
+    # field, `frozen`, always None there. Everything else is the same: restore the fields we have.
+    logging.info("step %d was written with the older TrainState layout (a `frozen` field); "
+                 "restoring its other fields", step)
+    state = _restore_fields(epath.Path(self.directory) / str(step) / "state", abstract_state)
+    if data_iterator is not None:
+      self._manager.restore(step, args=ocp.args.Composite(data=items["data"]))
+    return state
 
   def wait(self) -> None:
     """Blocks until the background save finished; raises its error if it failed."""
@@ -189,6 +201,17 @@ def _str_from_process_0(text: str, max_bytes: int = 4096) -> str:
   buf[:len(raw)] = np.frombuffer(raw, np.uint8)
   buf = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
   return bytes(buf).rstrip(b"\0").decode()
+
+
+def _restore_fields(state_dir, abstract_state):
+  """The fields of the dataclass `abstract_state` from a state directory that may hold more
+  (Orbax partial restore), onto the shardings of `abstract_state`'s leaves."""
+  target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  return abstract_state.replace(**out)
 
 
 def restore_ema(step_dir: str, abstract_params):
