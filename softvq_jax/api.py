@@ -188,6 +188,21 @@ def load_tokenizer(path_or_hub_id: str, *, compute_dtype=None, attention_backend
   return from_official_dir(_download(source, revision), **kw)
 
 
+
+def load_run_tokenizer(config, source: str) -> tuple[Tokenizer, str]:
+  """(tokenizer, what was loaded) for `--mode=eval/stats/extract`: `source` (a workdir, a step
+  directory, an official-format directory or a hub id) as process 0 resolved it
+  (`checkpoint.agreed_source`: every process loads the same step), in
+  `config.model.compute_dtype`; its image size must be `config.image_size`."""
+  from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  source = checkpoint.agreed_source(source)
+  tok = load_tokenizer(source, compute_dtype=config.model.compute_dtype)
+  if tok.config.image_size != config.image_size:
+    raise ValueError(f"the tokenizer in {source} is for {tok.config.image_size} px but "
+                     f"config.image_size is {config.image_size}; pass --config.image_size="
+                     f"{tok.config.image_size}")
+  return tok, source
+
 def _download(hub_id: str, revision: str | None) -> str:
   try:
     import huggingface_hub  # pylint: disable=import-outside-toplevel

@@ -255,14 +255,9 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None) -> dict[st
   """`--mode=eval`: evaluate a tokenizer (ours: the workdir's newest EMA, or an official-format
   directory / hub id given as `checkpoint`) on `config.data.eval_split`; writes
   `<workdir>/eval/<name>.json` and `<name>.png` (inputs over reconstructions)."""
-  from softvq_jax import api, checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from softvq_jax import api  # pylint: disable=import-outside-toplevel
   mesh = sharding.create_mesh(config.mesh_shape)
-  source = ckpt_lib.agreed_source(checkpoint or workdir)  # the same step on every process
-  tok = api.load_tokenizer(source, compute_dtype=config.model.compute_dtype)
-  if tok.config.image_size != config.image_size:
-    raise ValueError(f"the tokenizer in {source} is for {tok.config.image_size} px but "
-                     f"config.image_size is {config.image_size}; pass --config.image_size="
-                     f"{tok.config.image_size}")
+  tok, source = api.load_run_tokenizer(config, checkpoint or workdir)
   graphdef, _ = nnx.split(tok.model)
   evaluator = Evaluator(config, mesh, graphdef, workdir)
   num = int(config.eval.num_images) or None

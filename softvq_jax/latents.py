@@ -74,12 +74,8 @@ def _encode_fn(tok_graphdef, *, flip: bool):
 
 
 def _load(config, workdir: str, checkpoint: str | None):
-  from softvq_jax import api, checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  source = ckpt_lib.agreed_source(checkpoint or workdir)  # the same step on every process
-  tok = api.load_tokenizer(source, compute_dtype=config.model.compute_dtype)
-  if tok.config.image_size != config.image_size:
-    raise ValueError(f"the tokenizer in {source} is for {tok.config.image_size} px but "
-                     f"config.image_size is {config.image_size}")
+  from softvq_jax import api  # pylint: disable=import-outside-toplevel
+  tok, source = api.load_run_tokenizer(config, checkpoint or workdir)
   mesh = sharding.create_mesh(config.mesh_shape)
   graphdef, params = nnx.split(tok.model)
   return tok, mesh, graphdef, jax.device_put(params, sharding.replicated(mesh)), source

@@ -138,3 +138,16 @@ def test_zero_qk_bias():
   timm_vit.load_timm_vit(m, sd, zero_qk_bias=True)
   b = np.asarray(m.blocks[1].attn.qkv.bias[...])
   np.testing.assert_array_equal(b, np.r_[np.ones(32), np.zeros(32), np.ones(32)])
+
+
+def test_l2_normalize_is_torch_normalize_with_a_finite_gradient_at_zero():
+  x = np.random.RandomState(0).randn(3, 5).astype(np.float32)
+  x[1] = 0.0
+  got = np.asarray(vit.l2_normalize(jnp.asarray(x)))
+  want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  assert np.all(got[1] == 0.0)
+  g = jax.grad(lambda a: jnp.sum(vit.l2_normalize(a) * jnp.arange(5.0)))(jnp.asarray(x))
+  assert np.all(np.isfinite(np.asarray(g)))
+  whole = np.asarray(vit.l2_normalize(jnp.asarray(x), None))  # axis=None: the whole array
+  np.testing.assert_allclose(whole, x / np.linalg.norm(x), rtol=1e-6)

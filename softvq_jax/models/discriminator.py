@@ -170,10 +170,6 @@ def to_backbone_input(images: Array, key: Array | None, size: int = 224) -> Arra
 # Head modules.
 # --------------------------------------------------------------------------------------------
 
-def _l2_normalize(x: Array, eps: float) -> Array:
-  return x / jnp.maximum(jnp.linalg.norm(x), eps)
-
-
 class SpectralConv1d(nnx.Module):
   """Conv1d (channels-last) with torch's spectral norm and circular padding k // 2.
 
@@ -191,8 +187,10 @@ class SpectralConv1d(nnx.Module):
     self.bias = vit.make_param(rngs, vit.zeros, (dout,), ("norm",))
     u = jax.random.normal(rngs.params(), (dout,), jnp.float32)
     v = jax.random.normal(rngs.params(), (din * kernel_size,), jnp.float32)
-    self.u = SpectralVector(_l2_normalize(u, eps), out_sharding=(None,), eager_sharding=False)
-    self.v = SpectralVector(_l2_normalize(v, eps), out_sharding=(None,), eager_sharding=False)
+    self.u = SpectralVector(vit.l2_normalize(u, None, eps), out_sharding=(None,),
+                            eager_sharding=False)
+    self.v = SpectralVector(vit.l2_normalize(v, None, eps), out_sharding=(None,),
+                            eager_sharding=False)
 
   def weight_matrix(self) -> Array:
     """The torch-flattened weight [out, in * k] (float32)."""
@@ -205,8 +203,8 @@ class SpectralConv1d(nnx.Module):
     u, v = self.u[...], self.v[...]
     if train:
       wd = jax.lax.stop_gradient(w)
-      v = _l2_normalize(wd.T @ u, self.eps)
-      u = _l2_normalize(wd @ v, self.eps)
+      v = vit.l2_normalize(wd.T @ u, None, self.eps)
+      u = vit.l2_normalize(wd @ v, None, self.eps)
       self.u[...] = u
       self.v[...] = v
     u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)

@@ -17,20 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softvq_jax.models.vit import make_param
+from softvq_jax.models.vit import l2_normalize, make_param
 
 Array = jax.Array
 
 # Constants of the reference entropy loss (spec 1.3 step 7).
 ENTROPY_TEMPERATURE = 0.01
 ENTROPY_EPS = 1e-6
-L2_EPS = 1e-12
-
-
-def l2_normalize(x: Array, axis: int = -1) -> Array:
-  """torch's F.normalize: x / max(||x||, 1e-12) (the eps bounds the norm, it is not added)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, L2_EPS)
 
 
 def entropy_loss(logits: Array) -> Array:

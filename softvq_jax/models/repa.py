@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softvq_jax.models.vit import VIT_SIZES, Dense, VisionTransformer, make_param
+from softvq_jax.models.vit import VIT_SIZES, Dense, VisionTransformer, l2_normalize, make_param
 
 Array = jax.Array
 
@@ -119,16 +119,6 @@ def teacher_features(teacher: VisionTransformer, images: Array, dtype=jnp.float3
   return jax.lax.stop_gradient(feats.astype(jnp.float32))
 
 
-def _l2_normalize(x: Array) -> Array:
-  """F.normalize(x, dim=-1): x / max(||x||, 1e-12), with a finite gradient at x = 0.
-
-  sqrt(max(sum x^2, 1e-24)) == max(||x||, 1e-12) exactly, but avoids sqrt's infinite derivative
-  at 0 (which would give NaN for an all-zero token).
-  """
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x / jnp.sqrt(jnp.maximum(sq, 1e-24))
-
-
 def repa_loss(teacher_tokens: Array, projected: Array) -> Array:
   """L_REPA with 'repeat' alignment: scalar float32, mean over batch and teacher tokens of -cos.
 
@@ -151,6 +141,6 @@ def repa_loss(teacher_tokens: Array, projected: Array) -> Array:
     raise ValueError(f"repa_loss ('repeat' alignment) needs the {p} teacher tokens to be a "
                      f"multiple of the {n} latent tokens; choose num_latent_tokens dividing "
                      f"(image_size / patch_size)^2 = {p}")
-  t = _l2_normalize(teacher_tokens.astype(jnp.float32)).reshape(b, n, p // n, d)
-  h = _l2_normalize(projected.astype(jnp.float32))[:, :, None, :]
+  t = l2_normalize(teacher_tokens.astype(jnp.float32)).reshape(b, n, p // n, d)
+  h = l2_normalize(projected.astype(jnp.float32))[:, :, None, :]
   return -jnp.mean(jnp.sum(t * h, axis=-1))

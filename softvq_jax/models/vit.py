@@ -102,6 +102,21 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
+def l2_normalize(x: Array, axis: int | None = -1, eps: float = 1e-12) -> Array:
+  """torch's F.normalize: x / max(||x||, eps) along `axis` (None: the whole array); the eps
+  bounds the norm, it is not added.
+
+  The norm of an all-zero x is taken through a `where` so that its gradient is finite (sqrt's
+  derivative at 0 is infinite: an all-zero token would give NaN), without changing any value:
+  the forward pass is bit for bit sqrt(sum x^2) then the maximum. Used by the quantizer (spec
+  1.3), the REPA loss and the discriminator's spectral norm.
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  positive = sq > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return x / jnp.maximum(norm, eps)
+
+
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
