@@ -21,8 +21,9 @@ setup(
         "tensorboard>=2.16",
         "absl-py",
         "numpy>=1.26",
+        # .safetensors files are read and written by softvq_jax/convert/safetensors_io.py (NumPy +
+        # ml_dtypes for bfloat16), not by the safetensors package.
         "ml_dtypes",
-        "safetensors>=0.4",
         "huggingface_hub>=0.20",
         "pillow>=10",
         # Embedded demo data: scikit-image ships real photographs that load offline.
