@@ -10,8 +10,8 @@
       config/     the run's full ml_collections config (JSON)
       metadata/   model config, latent statistics, library versions, mesh, process count (JSON)
 
-Why this shape (USER_NEEDS: exact resume incl. data position; resume on another topology;
-loading on one CPU without the mesh; failures that are loud):
+Why this shape (exact resume incl. the data position, tests/test_main.py; resume on another
+topology, tests/test_train.py; loading on one CPU without the mesh; failures that are loud):
 * Saves are asynchronous (the step loop continues while arrays are written) and atomic: Orbax
   writes into a temporary directory and renames it when every process has finished, so a save
   interrupted by a crash or kill leaves no step directory, and `latest_step()` only ever returns

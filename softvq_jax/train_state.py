@@ -11,8 +11,8 @@ optimizer state and the LeCam statistics are optional parts (None until the GAN 
 them; None is an empty pytree, so jit, sharding and Orbax simply see nothing there).
 
 The NNX graph definition is not part of the state: `nnx.split` once, keep the `graphdef` beside
-the state, `nnx.merge(graphdef, state.params)` inside the jitted step (DESIGN.md: no `nnx.jit`
-in the loop).
+the state, `nnx.merge(graphdef, state.params)` inside the jitted step (softvq_jax/steps.py; no
+`nnx.jit` in the loop: one `jax.jit` with explicit shardings, softvq_jax/train.py).
 """
 from __future__ import annotations
 
