@@ -7,11 +7,12 @@ CPU, 8 fake CPU devices, a GPU node, a GPU cluster or a TPU pod alike:
 2. resume by itself: the newest complete checkpoint in `<workdir>/checkpoints` (state onto this
    run's mesh, whatever mesh wrote it, and the data iterator's position), else a fresh state
    created directly sharded by a jitted init;
-3. per step: next host batch -> global array over (data, fsdp) -> `train_step` (jitted with
-   explicit in/out shardings, the state donated) -> metrics folded into a device-side window;
+3. per step: next host batch -> global array over (data, fsdp) -> `p_step(state, frozen, batch)`
+   (jitted with explicit in/out shardings; the TrainState donated, the objective's frozen
+   networks loaded once and passed beside it) -> metrics folded into a device-side window;
 4. every `log_every_steps`: window means to TensorBoard + `<workdir>/metrics.jsonl` (process 0),
    images/s, step time, MFU, and one progress line on stdout (step/total, images/s, ETA, the main
-   losses; softvq_jax/progress.py); a NaN/Inf loss stops the run here naming the step, before
+   losses; `progress.MetricsLog`); a NaN/Inf loss stops the run here naming the step, before
    anything is saved, so the last checkpoint stays the last good one;
 5. at step 0 (a fresh run), every `image_every_steps` and at the end: input | EMA-reconstruction
    grids (PNG in `<workdir>/images`, and TensorBoard); every `checkpoint_every_steps`, at the end
