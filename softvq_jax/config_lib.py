@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from softvq_jax import variants
+from softvq_jax import axes, variants
 from softvq_jax.models import vit
 
 # ViT sizes live with the ViT (models/vit.py); re-exported here for config code.
@@ -376,9 +376,7 @@ def validate(config) -> None:
     bad("latents.num_images", "num_images and batch_size must be >= 0")
   if lat.chunk_batches <= 0:
     bad("latents.chunk_batches", f"must be positive, got {lat.chunk_batches}")
-  shape = tuple(config.mesh_shape)
-  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    bad("mesh_shape", f"{shape} must be 3 sizes (data, fsdp, tensor), positive or one -1")
+  axes.resolve_mesh_shape(config.mesh_shape)  # its form; the device count is checked at start
 
 
 # ================================================================================================

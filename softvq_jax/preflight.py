@@ -22,7 +22,6 @@ them. No model is built and nothing is compiled here.
 from __future__ import annotations
 
 import glob
-import math
 import os
 import uuid
 from typing import Callable, Iterable, Sequence
@@ -244,19 +243,10 @@ def check_workdir(workdir: str) -> list[str]:
 
 
 def _resolve_mesh(mesh_shape, num_devices: int) -> tuple[int, ...] | str:
-  shape = [int(s) for s in mesh_shape]
-  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    return f"config.mesh_shape={tuple(mesh_shape)} must be 3 sizes {MESH_AXES}, positive or one -1"
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if num_devices % known:
-      return (f"config.mesh_shape={tuple(mesh_shape)} does not fit the {num_devices} devices "
-              f"({known} does not divide {num_devices})")
-    shape[shape.index(-1)] = num_devices // known
-  if math.prod(shape) != num_devices:
-    return (f"config.mesh_shape={tuple(mesh_shape)} needs {math.prod(shape)} devices, "
-            f"{num_devices} are available")
-  return tuple(shape)
+  try:
+    return axes.resolve_mesh_shape(mesh_shape, num_devices)
+  except ValueError as e:
+    return str(e)
 
 
 def check_devices(config, mode: str, num_devices: int, num_processes: int) -> list[str]:

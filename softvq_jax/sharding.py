@@ -33,23 +33,7 @@ MESH_AXES, BATCH_AXES = axes.MESH_AXES, axes.BATCH_AXES
 DEFAULT_RULES = config_lib.DEFAULT_SHARDING_RULES
 
 
-def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Replaces one -1 by what fills `num_devices`; checks the product."""
-  shape = [int(s) for s in mesh_shape]
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f"config.mesh_shape {tuple(mesh_shape)} must have {len(MESH_AXES)} entries "
-                     f"for axes {MESH_AXES}")
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"config.mesh_shape {tuple(mesh_shape)}: use positive sizes and at most one -1")
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if num_devices % known:
-      raise ValueError(f"config.mesh_shape {tuple(mesh_shape)} does not divide {num_devices} devices")
-    shape[shape.index(-1)] = num_devices // known
-  if math.prod(shape) != num_devices:
-    raise ValueError(f"config.mesh_shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"{num_devices} are available")
-  return tuple(shape)
+resolve_mesh_shape = axes.resolve_mesh_shape  # the one check of config.mesh_shape
 
 
 def create_mesh(mesh_shape: Sequence[int], devices=None) -> Mesh:
