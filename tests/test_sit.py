@@ -318,3 +318,27 @@ def test_sample_benchmark_runs():
     assert r["sequence_length"] == seq and r["parity_float32"]["max_abs_diff"] <= 1e-3
     assert r["jax"]["img_s"] > 0 and r["torch"]["img_s"] > 0
   assert result["ratio_1d_over_2d"]["jax"] > 0
+
+
+def test_logical_axes_shard_over_a_mesh_and_remat_is_the_same_function():
+  """Every stored array (parameters and pos_embed) gets a sharding from the logical-axis rules;
+  FSDP over 8 devices splits the big matrices; remat=True computes the same output."""
+  from softvq_jax import sharding  # pylint: disable=import-outside-toplevel
+  cfg = sit_lib.SiTConfig(input_size=8, in_channels=4, attention_backend="xla", **SMALL)
+  _, state = nnx.split(sit_lib.abstract_sit(cfg))
+  mesh = sharding.create_mesh((1, -1, 1))
+  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh)))
+  assert ("pos_embed",) in shardings
+  spec = shardings[("blocks", 0, "adaLN_modulation", 1, "kernel")].value.spec
+  assert "fsdp" in tuple(spec), spec
+  model = sit_lib.build_sit(cfg, seed=3)
+  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]))
+  x, t, y = _inputs(cfg)
+  out = _apply(model, x, t, y)
+  graphdef, state = nnx.split(model)
+  remat = nnx.merge(nnx.graphdef(sit_lib.abstract_sit(cfg.replace(remat=True))), state)
+  np.testing.assert_allclose(_apply(remat, x, t, y), out, atol=1e-5)
+  assert np.abs(out).max() > 0.01
