@@ -263,14 +263,21 @@ def load_samples(out_dir) -> dict[str, np.ndarray]:
                                                                        "indices")}
 
 
+def _source(path: str | None, seed: int) -> str:
+  """How a run record names a model: an absolute path, a hub id, or the random initialisation."""
+  if not path:
+    return f"random init (seed {seed})"
+  return paths.resolve_str(path) if paths.is_url(path) or paths.resolve(path).exists() else path
+
+
 def _run_record(config, gen_cfg, checkpoint, tokenizer, options) -> dict:
   s = config.sample
   return {"num_images": int(s.num_images), "chunk_size": int(s.chunk_size), "seed": int(s.seed),
           "labels": str(s.labels), "num_classes": int(gen_cfg.num_classes),
           "sampler": "ddpm" if gen_cfg.kind == "dit" else "flow",
           "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-          "generator": checkpoint or f"random init (seed {int(config.seed)})",
-          "tokenizer": tokenizer or f"random init (seed {int(config.seed)})"}
+          "generator": _source(checkpoint, int(config.seed)),
+          "tokenizer": _source(tokenizer, int(config.seed))}
 
 
 def _check_or_write_record(out_dir, record: dict) -> None:
@@ -311,7 +318,8 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
                       f"--config.sample.batch_size={-(-batch // devices) * devices}")
   try:  # a wrong path / hub id is the user's mistake: one line, exit 2 (main.py)
     tok = _load_tokenizer(config, tokenizer)
-    loaded = load_generator_network(checkpoint, config.generator.compute_dtype) if checkpoint else None
+    loaded = (load_generator_network(checkpoint, config.generator.compute_dtype) if checkpoint
+              else None)
   except CheckpointError as e:
     raise SampleError(str(e)) from None
   if loaded:
@@ -325,7 +333,10 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
                     gen_cfg.kind.upper(), gen_cfg.hidden_size,
                     gen_cfg.depth)
   want = (tok.config.num_latent_tokens, tok.config.codebook_embed_dim)
-  if gen_cfg.vae_1d and (gen_cfg.input_size, gen_cfg.in_channels) != want:
+  if not gen_cfg.vae_1d:
+    raise SampleError(f"{checkpoint} is a 2-D generator (latents {gen_cfg.input_shape}, e.g. on "
+                      "SD-VAE latents); --mode=sample decodes 1-D SoftVQ tokens only")
+  if (gen_cfg.input_size, gen_cfg.in_channels) != want:
     raise SampleError(f"the generator samples {gen_cfg.input_size} tokens x {gen_cfg.in_channels} "
                       f"channels but the tokenizer decodes {want[0]} x {want[1]}: pass the "
                       "tokenizer the generator was trained on (--tokenizer)")

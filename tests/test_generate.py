@@ -204,7 +204,8 @@ def test_cli_sample_mode(tokenizer_dir, tmp_path):
   env = dict(os.environ, XLA_FLAGS="")
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--mode=sample", "--config=configs/demo_sit.py",
-       f"--workdir={tmp_path}", f"--tokenizer={tokenizer_dir}", "--config.sample.steps=2", "--config.sample.grid_images=4", "--config.sample.batch_size=4"],
+       f"--workdir={tmp_path}", f"--tokenizer={tokenizer_dir}", "--config.sample.steps=2",
+       "--config.sample.grid_images=4", "--config.sample.batch_size=4"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "the images are noise" in proc.stderr

@@ -177,7 +177,8 @@ class _RefDiffusion:
     self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
     self.posterior_log_variance_clipped = np.log(
         np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-    self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+    self.posterior_mean_coef1 = (betas * np.sqrt(self.alphas_cumprod_prev)
+                                 / (1.0 - self.alphas_cumprod))
     self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas)
                                  / (1.0 - self.alphas_cumprod))
 
