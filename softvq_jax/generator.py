@@ -128,6 +128,10 @@ class Generator:
     if self.config.class_dropout_prob <= 0 and cfg_scale > 1:
       raise ValueError("cfg_scale > 1 needs the null class, which this generator does not have "
                        "(class_dropout_prob = 0)")
+    if cfg_scale > 1 and self.config.null_class != sampling.NULL_CLASS:
+      raise ValueError(f"cfg_scale > 1: the samplers guide with class {sampling.NULL_CLASS} as the "
+                       f"null class, this generator's is {self.config.null_class} "
+                       f"(num_classes={n}); sample with cfg_scale=1")
     batch = labels.shape[0]
     shape = (batch,) + tuple(self.config.input_shape)
     if noise is not None:

@@ -167,3 +167,7 @@ def test_bad_sources_and_options(tmp_path, sit_gen):
     sit_gen.sample([1], noise=np.zeros((1, 8, 5)))
   with pytest.raises(ValueError, match="noise_schedule is a DiT option"):
     sit_gen.sample([1], noise_schedule="cosine")
+  cfg10 = sit_gen.config.replace(num_classes=10)
+  gen10 = Generator(cfg10, sit_lib.build_sit(cfg10))
+  with pytest.raises(ValueError, match="null class, this generator's is 10"):
+    gen10.sample([1], cfg_scale=1.5)
