@@ -342,3 +342,20 @@ def test_logical_axes_shard_over_a_mesh_and_remat_is_the_same_function():
   remat = nnx.merge(nnx.graphdef(sit_lib.abstract_sit(cfg.replace(remat=True))), state)
   np.testing.assert_allclose(_apply(remat, x, t, y), out, atol=1e-5)
   assert np.abs(out).max() > 0.01
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  """compute_dtype=bfloat16 (matmul inputs; residual stream, LayerNorm, softmax float32): same
+  parameters, float32 output, within bf16 rounding of the float32 network."""
+  model = _torch_model(**CASES["sit_2d"], seed=5)
+  cfg = _cfg(CASES["sit_2d"])
+  ours = _ours_from_torch(model, cfg)
+  x, t, y = _inputs(cfg, seed=4)
+  ref = _apply(ours, x, t, y)
+  graphdef, state = nnx.split(ours)
+  bf16 = nnx.merge(nnx.graphdef(sit_lib.abstract_sit(ours.cfg.replace(compute_dtype="bfloat16"))),
+                   state)
+  out = _apply(bf16, x, t, y)
+  assert out.dtype == np.float32
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  assert 0 < rel < 3e-2, rel
