@@ -294,4 +294,5 @@ def load_generator(path_or_hub_id, *, compute_dtype=None, attention_backend=None
         "Generator.save(directory))")
   if source.count("/") != 1 or source.startswith((".", "/", "~")):
     raise CheckpointError(f"{path}: no such directory, and not a hub id of the form 'owner/name'")
-  return from_official_dir(api._download(source, revision), **kw)  # pylint: disable=protected-access
+  download = api._download  # pylint: disable=protected-access  # the tokenizer's hub helper
+  return from_official_dir(download(source, revision), **kw)
