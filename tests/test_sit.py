@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import require
+from conftest import ONE_DEVICE_XLA_FLAGS, require
 from softvq_jax.convert import generator_official as gen_official
 from softvq_jax.convert.safetensors_io import CheckpointError
 from softvq_jax.models import sit as sit_lib
@@ -308,7 +308,8 @@ def test_sample_benchmark_runs():
   proc = subprocess.run(
       [sys.executable, "benchmarks/sample.py", "--size=micro", "--batch_size=2", "--repeats=1",
        "--window_s=0", "--tokens=8", "--channels=4", "--latent_size=8"],
-      cwd=root, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+      cwd=root, env=dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS), capture_output=True,
+      text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stdout
