@@ -352,6 +352,12 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
     raise SampleError("this generator was trained without label dropout (class_dropout_prob = "
                       "0), so it has no null class: use --config.sample.cfg_scale=1 and class "
                       f"labels below {gen_cfg.num_classes}")
+  if s.cfg_scale > 1 and gen_cfg.num_classes != sampling.NULL_CLASS:
+    # the samplers' unconditional label is 1000, this network's null row is num_classes
+    raise SampleError(f"the generator has {gen_cfg.num_classes} classes, so its null class is "
+                      f"{gen_cfg.num_classes}, not the samplers' {sampling.NULL_CLASS}: "
+                      "classifier-free guidance needs num_classes=1000; use "
+                      "--config.sample.cfg_scale=1")
   sampler = ImageSampler(gen_cfg, generator, tok, options)
   proc, nproc = jax.process_index(), jax.process_count()
   workdir_path = paths.resolve(workdir)

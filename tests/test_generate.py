@@ -183,6 +183,10 @@ def test_user_errors(tokenizer_dir, tmp_path):
   dit.generator.kind = "dit"
   with pytest.raises(generate.SampleError, match="DDPM"):
     generate.run(dit, str(tmp_path), tokenizer=tokenizer_dir)
+  config = _config(cfg_scale=2.0)
+  config.generator.num_classes = 10
+  with pytest.raises(generate.SampleError, match="null class"):
+    generate.run(config, str(tmp_path), tokenizer=tokenizer_dir)
   with pytest.raises(generate.SampleError, match="no such directory"):
     generate.run(_config(), str(tmp_path), checkpoint=str(tmp_path / "missing"),
                  tokenizer=tokenizer_dir)
