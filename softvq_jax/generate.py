@@ -43,6 +43,7 @@ from flax import nnx
 
 from softvq_jax import api, config_lib, paths, sampling, visualize
 from softvq_jax.convert.safetensors_io import CheckpointError
+from softvq_jax.generator import to_uint8  # the one definition (Generator.generate uses it too)
 from softvq_jax.models import sit as sit_lib
 
 CHUNK_PATTERN = "chunk_{:06d}.npz"
@@ -96,11 +97,6 @@ def sample_latents(model_fn, cfg: sit_lib.SiTConfig, labels, keys, options: dict
     return sampling.sample_ddpm(model_fn, labels, noise, split[:, 1],
                                 learn_sigma=cfg.learn_sigma, **options)
   return sampling.sample_flow(model_fn, labels, noise, split[:, 1], **options)
-
-
-def to_uint8(images):
-  """[..., 3] float in [-1, 1] (unclamped decoder output) -> uint8, rounded (see the module doc)."""
-  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
