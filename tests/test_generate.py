@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import config_file, tiny_config
+from conftest import ONE_DEVICE_XLA_FLAGS, config_file, tiny_config
 import softvq_jax
 from softvq_jax import api, config_lib, generate
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
@@ -205,7 +205,7 @@ def test_demo_sit_config():
 def test_cli_sample_mode(tokenizer_dir, tmp_path):
   """The command a user runs (one CPU device): a randomly initialised SiT says its images are
   noise, writes the grid and the summary."""
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--mode=sample", "--config=configs/demo_sit.py",
        f"--workdir={tmp_path}", f"--tokenizer={tokenizer_dir}", "--config.sample.steps=2",
