@@ -4,7 +4,7 @@ What the trainer calls (one function for both data paths and both generator kind
 
   objective = GeneratorObjective.for_network(sit_cfg, path="linear", time_sampling="lognormal")
   graphdef, params, fixed = split_generator(model)        # params: nnx.Param; fixed: pos_embed
-  loss_fn = make_loss_fn(objective, graphdef)              # or encode=tokenizer_functions(tok).encode
+  loss_fn = make_loss_fn(objective, graphdef)   # image batches: encode=fns.encode (path b)
   frozen = {"fixed": fixed, "tokenizer": None}             # or the tokenizer's params (path b)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
 
@@ -228,7 +228,8 @@ def _diffusion_schedule(objective: GeneratorObjective) -> sampling.DiffusionSche
 
 def _table(a: np.ndarray, t: Array, x: Array) -> Array:
   """a[t] as float32, shaped [B, 1, ..., 1] against x (float64 host table -> float32)."""
-  return sampling._expand_like(jnp.asarray(np.asarray(a, np.float64).astype(np.float32))[t], x)  # pylint: disable=protected-access
+  values = jnp.asarray(np.asarray(a, np.float64).astype(np.float32))[t]
+  return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 
 def q_sample(schedule: sampling.DiffusionSchedule, x0: Array, t: Array, noise: Array) -> Array:

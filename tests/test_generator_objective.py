@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from softvq_jax import data
 from softvq_jax import generator_objective as go
-from softvq_jax import sampling
+from softvq_jax import sampling, sharding
 from softvq_jax.api import Tokenizer, tokenizer_functions
 from softvq_jax.models import sit as sit_lib
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
@@ -400,19 +399,33 @@ def test_time_bucket_metrics_masked_means():
   assert float(empty["loss_t0.75-1.00"]) == 0.0 and float(empty["frac_t0.75-1.00"]) == 0.0
 
 
-def test_sharded_batch_equals_one_device():
+@pytest.mark.parametrize("mesh_shape", [(-1, 1, 1), (1, -1, 1)])
+def test_sharded_equals_one_device(mesh_shape):
+  """8 devices, data-parallel or FSDP (parameters and pos_embed split by their logical axes, the
+  project's rules): loss, metrics and gradients equal the one-device computation."""
   cfg, graphdef, params, fixed = _micro("sit")
   obj = go.GeneratorObjective.for_network(cfg, time_sampling="lognormal")
-  loss_fn = go.make_loss_fn(obj, graphdef)
+  value_and_grad = jax.value_and_grad(go.make_loss_fn(obj, graphdef), has_aux=True)
   batch, key = _batch(), jax.random.key(9)
-  want, want_m = jax.jit(loss_fn)(params, {"fixed": fixed}, batch, key)
-  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
-  rep, rows = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-  sharded = jax.jit(loss_fn, in_shardings=(rep, rep, rows, rep))
-  got, got_m = sharded(params, {"fixed": fixed}, jax.device_put(batch, rows), key)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  (want, want_m), want_g = jax.jit(value_and_grad)(
+      jax.device_put(params, device), {"fixed": jax.device_put(fixed, device)}, batch, key)
+  mesh = sharding.create_mesh(mesh_shape)
+  param_sh = sharding.state_shardings(params, mesh)
+  frozen_sh = {"fixed": sharding.state_shardings(fixed, mesh)}
+  rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  fn = jax.jit(value_and_grad, in_shardings=(param_sh, frozen_sh, rows, rep),
+               out_shardings=((rep, rep), param_sh))
+  (got, got_m), got_g = fn(jax.device_put(params, param_sh),
+                           {"fixed": jax.device_put(fixed, frozen_sh["fixed"])},
+                           jax.device_put(batch, rows), key)
+  if mesh_shape == (1, -1, 1):  # really split: some parameter is sharded over fsdp
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(param_sh))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for k in want_m:
     np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_online_encoding_equals_pre_extracted_latents():

@@ -139,17 +139,16 @@ def test_reads_a_real_extraction(tmp_path):
   (tok.encode(crop) - vq_mean) / vq_std, or the same of the flipped crop."""
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
   from softvq_jax import api, data, latents  # pylint: disable=import-outside-toplevel
-  from softvq_jax.models.tokenizer import (TokenizerConfig,  # pylint: disable=import-outside-toplevel
-                                           build_tokenizer)
+  from softvq_jax.models import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   config.data.demo_eval_size = 12
   config.latents.split = "validation"
   config.latents.batch_size = 8
   config.latents.chunk_batches = 1
   config.latents.flip = True
-  cfg = TokenizerConfig.from_config(config).replace(vq_mean=0.1, vq_std=0.7,
+  cfg = tok_lib.TokenizerConfig.from_config(config).replace(vq_mean=0.1, vq_std=0.7,
                                                     attention_backend="xla")
-  tok = api.Tokenizer(cfg, build_tokenizer(cfg, seed=0))
+  tok = api.Tokenizer(cfg, tok_lib.build_tokenizer(cfg, seed=0))
   tok.save(str(tmp_path / "tok"))
   out = tmp_path / "tokens"
   latents.extract_tokens(config, str(tmp_path / "work"), checkpoint=str(tmp_path / "tok"),

@@ -1,5 +1,6 @@
-"""The public pure-function form of a tokenizer (softvq_jax.tokenizer_functions / Tokenizer.functions):
-what a Flax app calls inside its own jitted, sharded step. Must equal tok.encode / tok.decode."""
+"""The public pure-function form of a tokenizer (softvq_jax.tokenizer_functions /
+Tokenizer.functions): what a Flax app calls inside its own jitted, sharded step. Must equal
+tok.encode / tok.decode."""
 import jax
 import jax.numpy as jnp
 import numpy as np
