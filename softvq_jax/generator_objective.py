@@ -14,6 +14,10 @@ What the trainer calls (one function for both data paths and both generator kind
             tokenizer's parameters or None}. Nothing in it gets a gradient (it is not an argument
             of the differentiation). `fixed` is a pure function of the network config (or what an
             imported checkpoint stored), so a resumed run may rebuild it rather than checkpoint it.
+            The EMA covers params only; a network to sample from / export is
+            `nnx.merge(graphdef, ema_params, fixed)` (e.g. `Generator(cfg, that).save(dir)`).
+            Shard `fixed` like the parameters (`sharding.state_shardings`: its logical axes are
+            (None, None, "embed")) or replicate it: both are tested.
   batch:   {"latents": [B, N, e] float32, already normalised ((z_q - vq_mean) / vq_std; data path
             (a), `token_data.TokenSource`), "label": [B] int} or {"image": [B, S, S, 3] uint8 or
             float in [-1, 1], "label": [B] int} (data path (b): the frozen tokenizer encodes with

@@ -28,7 +28,9 @@ small module that does not touch the image path.
 Memory: the chunks are read once into two host arrays (tokens and flips, float32): ImageNet's
 1.28 M images at 64 x 32 tokens are 10.5 GB each, 21 GB with flips, per process. The examples are
 a slice and a scale, so the pipeline runs in the trainer's process (Grain threads, no worker
-processes, which would each receive a pickled copy of the arrays).
+processes, which would each receive a pickled copy of the arrays). Every process reads the whole
+extraction (all p<k>/ folders, which `--mode=extract` may have written on different hosts): give
+the trainer a directory all processes can read (a shared file system or gs://...).
 
 The guard (`check_latent_statistics`): a tokenizer whose statistics are the defaults (vq_mean 0,
 vq_std 1) has never been measured; a generator trained on its raw tokens trains fine and samples
