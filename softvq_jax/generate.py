@@ -164,6 +164,7 @@ class ImageSampler:
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     g_def, g_state = nnx.split(self.generator)
     t_def, t_state = nnx.split(self.tokenizer.model)
+    self._replicated = rep
     self._g_state = jax.device_put(g_state, rep)
     self._t_state = jax.device_put(t_state, rep)
     vq_mean, vq_std = float(self.tokenizer.config.vq_mean), float(self.tokenizer.config.vq_std)
@@ -184,6 +185,12 @@ class ImageSampler:
                         **shardings)
     self._latents = jax.jit(latents, in_shardings=(rep, self.batch_sharding, self.batch_sharding),
                             **shardings)
+
+  def set_generator_state(self, state) -> None:
+    """New weights of the same generator (e.g. a training run's EMA, `nnx.split(model)[1]`)
+    for the already compiled program: the in-loop evaluation samples every N steps without
+    recompiling."""
+    self._g_state = jax.device_put(state, self._replicated)
 
   @property
   def num_devices(self) -> int:
