@@ -15,8 +15,8 @@ its horizontal flips, to `<out>/p<process>/chunk_<i>.npz` ({"tokens", "tokens_fl
 
 Why the choice between a token and its flip is a pure function of (seed, epoch, record): the
 reference picks one of the two at random at every access (spec 8: "pre-extracted z_q and z_q of
-the flipped image, picking one at random"); drawing it from `np.random.default_rng((seed, epoch,
-record))` keeps that augmentation (a record is flipped in some epochs and not in others) while the
+the flipped image, picking one at random"); taking it from a hash of (seed, epoch, record)
+(`coin_flips`) keeps that augmentation (a record is flipped in some epochs and not in others) while the
 whole stream stays a function of the pipeline position, so a resumed run reads exactly the batches
 an uninterrupted one would — the same rule as the image pipeline's crops (softvq_jax/data.py).
 
@@ -180,32 +180,63 @@ class TokenSource:
 
   def flipped(self, position: int, epoch: int) -> bool:
     """Whether `example(position, epoch)` serves the flipped image's tokens."""
+    return bool(self._flips(np.array([position]), np.array([epoch]))[0])
+
+  def _flips(self, positions: np.ndarray, epochs: np.ndarray) -> np.ndarray:
     if not self.flip:
-      return False
-    return bool(np.random.default_rng((self.seed, int(epoch), int(self._index[position])))
-                .random() < 0.5)
+      return np.zeros(positions.shape, bool)
+    return coin_flips(self.seed, epochs, self._index[positions])
+
+  def examples(self, positions, epochs) -> dict[str, np.ndarray]:
+    """A batch at once (what the pipeline calls): positions [B], epochs [B] ->
+    {"latents": [B, N, e] float32, "label": [B] int32, "index": [B] int32, "flipped": [B] bool},
+    row b equal to example(positions[b], epochs[b])."""
+    positions = np.asarray(positions, np.int64)
+    flipped = self._flips(positions, np.asarray(epochs, np.int64))
+    tokens = self._tokens[positions]
+    if flipped.any():
+      tokens[flipped] = self._tokens_flip[positions[flipped]]
+    tokens -= np.float32(self.vq_mean)
+    tokens /= np.float32(self.vq_std)
+    return {"latents": tokens, "label": self._labels[positions],
+            "index": self._index[positions].astype(np.int32), "flipped": flipped}
 
   def example(self, position: int, epoch: int = 0) -> dict[str, Any]:
-    position = int(position)
-    flipped = self.flipped(position, epoch)
-    tokens = (self._tokens_flip if flipped else self._tokens)[position]
-    latents = (tokens - np.float32(self.vq_mean)) / np.float32(self.vq_std)
-    return {"latents": latents.astype(np.float32), "label": self._labels[position],
-            "index": np.int32(self._index[position]), "flipped": np.bool_(flipped)}
+    one = self.examples(np.array([int(position)]), np.array([int(epoch)]))
+    return {k: v[0] for k, v in one.items()}
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     epoch, position = divmod(int(index), len(self))
     return self.example(position, epoch)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a well-mixed hash."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def coin_flips(seed: int, epochs, records) -> np.ndarray:
+  """Fair coins, one per (epoch, record) pair of `seed`: a pure, vectorised function (a hash, not
+  a generator's state), so any example's choice is known from its position alone."""
+  epochs = np.atleast_1d(np.asarray(epochs)).astype(np.uint64)
+  records = np.atleast_1d(np.asarray(records)).astype(np.uint64)
+  h = _mix64(_mix64(_mix64(np.full(records.shape, seed, np.uint64)) ^ epochs) ^ records)
+  return (h >> np.uint64(63)) == 1
+
+
 @dataclasses.dataclass(frozen=True)
-class _TokenExample:
-  """(pipeline position, source position) -> example, with the epoch from the position."""
+class _TokenBatch:
+  """(batch number, source positions [B]) -> the batch; element k of the stream (position
+  b * B + i) is in epoch k // shard_len."""
   source: TokenSource
   shard_len: int
+  batch_size: int
 
-  def __call__(self, position: int, record: int) -> dict[str, Any]:
-    return self.source.example(int(record), int(position) // self.shard_len)
+  def __call__(self, batch_number: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+    stream = int(batch_number) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    return self.source.examples(positions, stream // self.shard_len)
 
 
 def build_token_train_pipeline(source: TokenSource, *, global_batch_size: int, seed: int,
@@ -225,7 +256,8 @@ def build_token_train_pipeline(source: TokenSource, *, global_batch_size: int, s
     raise ValueError(f"{source!r} has fewer examples than the {process_count} processes")
   ids = grain.MapDataset.range(len(source))[process_index::process_count]
   ds = ids.shuffle(seed=seed).repeat(None)
-  ds = ds.map_with_index(_TokenExample(source, len(ids)))
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  local_bs = global_batch_size // process_count
+  ds = ds.batch(local_bs, drop_remainder=True)
+  ds = ds.map_with_index(_TokenBatch(source, len(ids), local_bs))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads)))
   return iter(ds)

@@ -67,6 +67,17 @@ def test_flip_choice_is_a_function_of_seed_epoch_and_record(tmp_path):
   np.testing.assert_array_equal(epoch1, [a[400 + i]["flipped"] for i in range(400)])
 
 
+def test_coin_flips_are_fair_and_independent():
+  e, r = np.meshgrid(np.arange(50), np.arange(2000), indexing="ij")
+  f = token_data.coin_flips(7, e.ravel(), r.ravel()).reshape(50, 2000)
+  assert abs(f.mean() - 0.5) < 0.01
+  assert abs(np.mean(f[1:] == f[:-1]) - 0.5) < 0.01  # epoch to epoch
+  assert abs(np.mean(f[:, 1:] == f[:, :-1]) - 0.5) < 0.01  # record to record
+  assert abs(np.mean(f == token_data.coin_flips(8, e.ravel(), r.ravel()).reshape(50, 2000))
+             - 0.5) < 0.01  # seed to seed
+  assert token_data.coin_flips(7, 3, 11)[0] == f[3, 11]
+
+
 def test_pipeline_resumes_exactly_and_shards_processes(tmp_path):
   _write_extraction(tmp_path, n=40, shape=(2, 2), per_chunk=7)
   src = token_data.TokenSource(str(tmp_path), seed=5)
@@ -80,6 +91,12 @@ def test_pipeline_resumes_exactly_and_shards_processes(tmp_path):
   assert full[0]["latents"].shape == (8, 2, 2) and full[0]["label"].dtype == np.int32
   seen = np.concatenate([b["index"] for b in full[:5]])
   assert sorted(seen) == list(range(40))  # epoch 0 = every record once
+  for b, batch in enumerate(full):  # the batched gather equals example(record, epoch) row by row
+    for r in range(8):
+      ex = src.example(int(batch["index"][r]), (8 * b + r) // 40)
+      for k in ex:
+        np.testing.assert_array_equal(batch[k][r], ex[k], err_msg=k)
+  assert 0 < np.mean(np.concatenate([b["flipped"] for b in full])) < 1
   it = pipeline()
   for _ in range(4):
     next(it)
