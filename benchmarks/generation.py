@@ -346,6 +346,11 @@ def sd_vae_decoder(vae_config: dict, image_size: int, batch: int, seed: int, dev
 # ------------------------------------------------------------------------------------------------
 
 
+def _sig(v: float) -> float:
+  """6 significant digits (seconds range from 1e-4 to 1e3 between the toy and paper plans)."""
+  return float(f"{v:.6g}")
+
+
 def _e2e(gen_s: float, dec_s: float) -> float:
   """Images/s of generator then decoder (seconds per image add)."""
   return 1.0 / (gen_s + dec_s)
@@ -420,9 +425,9 @@ def run(*, plan_name: str, resolutions, size: str | None, depth: int, batch: int
   timing_s = time.perf_counter() - t0
   for name, s in secs.items():
     med = statistics.median(s)
-    records[name].update(s_per_call=round(med, 5), img_s=round(batch / med, 4),
-                         img_s_best=round(batch / min(s), 4),
-                         windows_s_per_call=[round(v, 5) for v in s])
+    records[name].update(s_per_call=_sig(med), img_s=_sig(batch / med),
+                         img_s_best=_sig(batch / min(s)),
+                         windows_s_per_call=[_sig(v) for v in s])
 
   # --- ratios ---------------------------------------------------------------------------------
   comparisons = []
@@ -434,22 +439,22 @@ def run(*, plan_name: str, resolutions, size: str | None, depth: int, batch: int
       row = {"image_size": res, "tokens": n, "baseline": f"SiT/2 on {p['latent']}x{p['latent']}"
              f"x{LATENT_CHANNELS_2D} + SD-VAE decoder",
              "generator_img_s": {"1d": g1["img_s"], "2d": g2["img_s"]},
-             "generator_only_ratio": round(g1["img_s"] / g2["img_s"], 3),
+             "generator_only_ratio": _sig(g2["s_per_call"] / g1["s_per_call"]),
              "paper_claim": PAPER_CLAIM.get(res)}
       sec_g1, sec_g2 = g1["s_per_call"] / batch, g2["s_per_call"] / batch
       d2 = base["sdvae_torch"]["s_per_call"] / batch
       for fw in softvq_decode:
         d1 = records[f"softvq_{n}_{res}_{fw}"]["s_per_call"] / batch
         tag = "both_torch" if fw == "torch" else "softvq_jax_vs_sdvae_torch"
-        row.setdefault("decoder_img_s", {})[f"softvq_{fw}"] = round(1 / d1, 4)
+        row.setdefault("decoder_img_s", {})[f"softvq_{fw}"] = _sig(1 / d1)
         row.setdefault("end_to_end_img_s", {})[tag] = {
-            "1d": round(_e2e(sec_g1, d1), 4), "2d": round(_e2e(sec_g2, d2), 4)}
-        row.setdefault("end_to_end_ratio", {})[tag] = round(
-            _e2e(sec_g1, d1) / _e2e(sec_g2, d2), 3)
+            "1d": _sig(_e2e(sec_g1, d1)), "2d": _sig(_e2e(sec_g2, d2))}
+        row.setdefault("end_to_end_ratio", {})[tag] = _sig(
+            _e2e(sec_g1, d1) / _e2e(sec_g2, d2))
         row.setdefault("e2e_ratio_at_steps", {})[tag] = {
-            str(s): round((s * sec_g2 / steps + d2) / (s * sec_g1 / steps + d1), 3)
+            str(s): _sig((s * sec_g2 / steps + d2) / (s * sec_g1 / steps + d1))
             for s in sorted({int(v) for v in project_steps})}
-      row["decoder_img_s"]["sdvae_torch"] = round(1 / d2, 4)
+      row["decoder_img_s"]["sdvae_torch"] = _sig(1 / d2)
       row["softvq_decoder"] = records[f"softvq_{n}_{res}_{softvq_decode[0]}"]["model"] if (
           softvq_decode) else None
       comparisons.append(row)
@@ -470,12 +475,6 @@ def run(*, plan_name: str, resolutions, size: str | None, depth: int, batch: int
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import diffusers  # pylint: disable=import-outside-toplevel
-
-  cpu = jax.default_backend() == "cpu"
   plan = PLANS[_PLAN.value]
   resolutions = [int(r) for r in (_RESOLUTIONS.value or plan["resolutions"])]
   unknown = [r for r in resolutions if r not in plan["resolutions"]]
@@ -485,6 +484,12 @@ def main(argv):
   bad = sorted(set(_DECODE_FW.value) - {"jax", "torch"})
   if bad or not _DECODE_FW.value:
     raise app.UsageError(f"--softvq_decode={_DECODE_FW.value}: use jax and/or torch")
+  import jax  # pylint: disable=import-outside-toplevel
+  import flax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import diffusers  # pylint: disable=import-outside-toplevel
+
+  cpu = jax.default_backend() == "cpu"
   cfg_scale = _CFG.value if _CFG.value is not None else (1.0 if cpu else 1.75)
   interval = tuple(float(v) for v in (_INTERVAL.value or ([0, 0.7] if cfg_scale > 1 else [0, 1])))
   if len(interval) != 2:
