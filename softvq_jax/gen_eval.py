@@ -72,6 +72,10 @@ def gen_eval_settings(config):
 
 def validate(config) -> None:
   """Fail fast, naming the field, on values the evaluation cannot run with."""
+  try:
+    config_lib.validate_generation(config)  # the generator / sample sections
+  except ValueError as e:
+    raise GenEvalError(str(e)) from None
   ge = gen_eval_settings(config)
   if int(config.sample.num_images) < 2:
     raise GenEvalError(

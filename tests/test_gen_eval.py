@@ -227,6 +227,27 @@ def test_adm_reference_batch_is_read(tmp_path):
                            precision_recall=True, pr_images=0)
 
 
+def test_bad_settings_name_the_field():
+  config = tiny_config()
+  assert not config_lib.is_generator_config(config)  # a tokenizer config: rFID as before
+  config.generator = config_lib.generator_config(size="micro")
+  assert config_lib.is_generator_config(config)
+  with pytest.raises(gen_eval.GenEvalError, match="config.sample"):
+    gen_eval.validate(config)
+  config.sample = config_lib.sample_config()
+  with pytest.raises(gen_eval.GenEvalError, match="sample.num_images=50000"):
+    gen_eval.validate(config)
+  config.sample.num_images = 10
+  gen_eval.validate(config)  # no gen_eval section: the defaults
+  config.gen_eval = config_lib.gen_eval_config()
+  config.gen_eval.reference = "/nonexistent/VIRTUAL_imagenet256_labeled.npz"
+  with pytest.raises(gen_eval.GenEvalError, match="gen_eval.reference=.*no such file"):
+    gen_eval.validate(config)
+  config.gen_eval.reference, config.gen_eval.nearest_k = "", 0
+  with pytest.raises(gen_eval.GenEvalError, match="gen_eval.nearest_k"):
+    gen_eval.validate(config)
+
+
 # ------------------------------------------------------------------------------------------------
 # --mode=eval of a generator, end to end (random tiny SiT, random tiny tokenizer, random Inception).
 # ------------------------------------------------------------------------------------------------
