@@ -248,6 +248,18 @@ def test_bad_settings_name_the_field():
     gen_eval.validate(config)
 
 
+def test_preflight_of_a_generator_eval_needs_the_inception_only():
+  from conftest import config_file  # pylint: disable=import-outside-toplevel
+  from softvq_jax import preflight  # pylint: disable=import-outside-toplevel
+  config = config_file("demo_sit")
+  assert preflight.networks_needed(config, "eval") == ["inception"]
+  assert preflight.splits_read(config, "eval") == [config.data.eval_split]  # the reference split
+  assert preflight.batch_sizes(config, "eval") == {}
+  config.gen_eval.reference = "VIRTUAL_imagenet256_labeled.npz"
+  assert preflight.splits_read(config, "eval") == []
+  assert preflight.networks_needed(config_file("demo"), "eval") == ["inception", "lpips"]
+
+
 # ------------------------------------------------------------------------------------------------
 # --mode=eval of a generator, end to end (random tiny SiT, random tiny tokenizer, random Inception).
 # ------------------------------------------------------------------------------------------------
