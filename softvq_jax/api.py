@@ -111,6 +111,11 @@ class Tokenizer:
     folder or a URL (gs://...)."""
     official.export_official(nnx.merge(self._graphdef, self._state), directory)
 
+  def functions(self) -> "TokenizerFunctions":
+    """The pure-function form of this tokenizer, for use inside another jitted, sharded step
+    (see `tokenizer_functions`)."""
+    return tokenizer_functions(self)
+
 
 def _with_overrides(cfg: TokenizerConfig, compute_dtype, attention_backend) -> TokenizerConfig:
   kw = {}
@@ -218,3 +223,69 @@ def _download(hub_id: str, revision: str | None) -> str:
         f"download it once elsewhere (`hf download {hub_id}`, the CLI of huggingface_hub >= 1.0) "
         "and pass the local "
         "directory instead") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The pure-function form: a tokenizer inside someone else's jitted, sharded step.
+# ------------------------------------------------------------------------------------------------
+
+# (Imported here, not at the top, to keep this addition append-only while api.py is edited on a
+# branch.)
+from typing import Any, Callable, NamedTuple  # noqa: E402  # pylint: disable=wrong-import-position
+
+
+class TokenizerFunctions(NamedTuple):
+  """`tokenizer_functions(tok)`: the tokenizer's weights as a pytree and pure encode / decode.
+
+  params: nnx.State of the tokenizer's weights (float32 jax.Arrays). Pass it as an ordinary
+      (frozen: never differentiated, never updated) argument of your jitted function and shard it
+      as you like (`jax.device_put(params, shardings)`, or `in_shardings` of `jax.jit`).
+  encode(params, images, *, normalize=False) -> tokens [B, N, e] float32. images: [B, S, S, 3]
+      NHWC, float in [-1, 1] or uint8 in [0, 255] (scaled as the input pipeline's
+      `pixels.to_model_range` does). normalize=True returns (tokens - vq_mean) / vq_std, the scale
+      generators train on.
+  decode(params, tokens, *, denormalize=False) -> images [B, S, S, 3] float32, the raw decoder
+      output (not clamped). denormalize=True first maps tokens * vq_std + vq_mean.
+  config: the TokenizerConfig (vq_mean / vq_std are Python floats baked into the functions).
+
+  Both functions are traceable (no host work, no Python state, normalize / denormalize are
+  Python bools); they compose with jax.jit, shardings, vmap, remat and jax.grad (through decode,
+  e.g. for a pixel-space loss).
+  """
+  params: Any
+  encode: Callable
+  decode: Callable
+  config: TokenizerConfig
+
+
+def tokenizer_functions(tok: Tokenizer) -> TokenizerFunctions:
+  """(params, encode, decode, config) of a loaded tokenizer as pure functions; e.g.
+
+      fns = softvq_jax.tokenizer_functions(softvq_jax.load_tokenizer(path))
+      params = jax.device_put(fns.params, NamedSharding(mesh, P()))      # replicated
+      @jax.jit
+      def step(params, images):                                          # images sharded
+        z = fns.encode(params, images, normalize=True)
+        ...
+  """
+  graphdef, cfg = tok._graphdef, tok.config  # pylint: disable=protected-access
+  mean, std = float(cfg.vq_mean), float(cfg.vq_std)
+
+  def encode(params, images, *, normalize: bool = False):
+    images = jnp.asarray(images)
+    if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
+      raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255], got {images.dtype}")
+    if images.ndim != 4:
+      raise ValueError(f"expected images [B, H, W, 3], got shape {images.shape}")
+    tokens = nnx.merge(graphdef, params).encode(pixels.to_model_range(images))
+    return (tokens - mean) / std if normalize else tokens
+
+  def decode(params, tokens, *, denormalize: bool = False):
+    tokens = jnp.asarray(tokens, jnp.float32)
+    if tokens.ndim != 3:
+      raise ValueError(f"expected tokens [B, N, e], got shape {tokens.shape}")
+    if denormalize:
+      tokens = tokens * std + mean
+    return nnx.merge(graphdef, params).decode(tokens)
+
+  return TokenizerFunctions(tok._state, encode, decode, cfg)  # pylint: disable=protected-access

@@ -446,6 +446,36 @@ def sample_config():
   ))
 
 
+def gen_eval_config():
+  """Generation evaluation (softvq_jax/gen_eval.py): `--mode=eval` of a generator config (gFID,
+  Inception Score, precision / recall of `sample.num_images` samples) and the in-loop hook.
+
+  The reference: an ADM-format .npz (`mu`, `sigma` of the real images' pool features for FID,
+  and the reference batch's images `arr_0` for precision / recall, e.g.
+  VIRTUAL_imagenet256_labeled.npz), or, with `reference=""`, statistics computed here over `data.<reference_split>` and cached under
+  `<workdir>/fid_stats/` like the tokenizer evaluation's.
+  """
+  return ml_collections.ConfigDict(dict(
+      reference="",                 # ADM-format .npz (local path or URL); "" = a data split
+      reference_split="train",      # reference="" only: the split whose statistics are computed
+      reference_num_images=50_000,  # reference="" only: images for mu / sigma (0 = whole split)
+      precision_recall=True,
+      # Real images whose features span the real manifold: the first N of arr_0 (ADM: all 10k)
+      # or of the split.
+      precision_recall_reference_images=10_000,
+      nearest_k=3,                  # Kynkaenniemi et al. 2019 / the ADM evaluator
+      inception_batch_size=64,      # images per Inception call on each process
+      in_loop_num_images=2000,      # the in-loop hook (gen_eval.GenerationEvaluator)
+  ))
+
+
+def is_generator_config(config) -> bool:
+  """Whether `config` describes a generator (SiT / DiT over a tokenizer's tokens): it has a
+  `generator` section. `--mode=eval` then evaluates generated images (gFID) instead of a
+  tokenizer's reconstructions (rFID)."""
+  return "generator" in config
+
+
 def validate_generation(config) -> None:
   """Fail fast, naming the field, on generator / sample values `--mode=sample` cannot run with."""
 

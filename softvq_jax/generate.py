@@ -43,6 +43,7 @@ from flax import nnx
 
 from softvq_jax import api, config_lib, paths, sampling, visualize
 from softvq_jax.convert.safetensors_io import CheckpointError
+from softvq_jax.generator import to_uint8  # the one definition (Generator.generate uses it too)
 from softvq_jax.models import sit as sit_lib
 
 CHUNK_PATTERN = "chunk_{:06d}.npz"
@@ -96,11 +97,6 @@ def sample_latents(model_fn, cfg: sit_lib.SiTConfig, labels, keys, options: dict
     return sampling.sample_ddpm(model_fn, labels, noise, split[:, 1],
                                 learn_sigma=cfg.learn_sigma, **options)
   return sampling.sample_flow(model_fn, labels, noise, split[:, 1], **options)
-
-
-def to_uint8(images):
-  """[..., 3] float in [-1, 1] (unclamped decoder output) -> uint8, rounded (see the module doc)."""
-  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,6 +164,7 @@ class ImageSampler:
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     g_def, g_state = nnx.split(self.generator)
     t_def, t_state = nnx.split(self.tokenizer.model)
+    self._replicated = rep
     self._g_state = jax.device_put(g_state, rep)
     self._t_state = jax.device_put(t_state, rep)
     vq_mean, vq_std = float(self.tokenizer.config.vq_mean), float(self.tokenizer.config.vq_std)
@@ -188,6 +185,12 @@ class ImageSampler:
                         **shardings)
     self._latents = jax.jit(latents, in_shardings=(rep, self.batch_sharding, self.batch_sharding),
                             **shardings)
+
+  def set_generator_state(self, state) -> None:
+    """New weights of the same generator (e.g. a training run's EMA, `nnx.split(model)[1]`)
+    for the already compiled program: the in-loop evaluation samples every N steps without
+    recompiling."""
+    self._g_state = jax.device_put(state, self._replicated)
 
   @property
   def num_devices(self) -> int:
@@ -263,14 +266,21 @@ def load_samples(out_dir) -> dict[str, np.ndarray]:
                                                                        "indices")}
 
 
+def _source(path: str | None, seed: int) -> str:
+  """How a run record names a model: an absolute path, a hub id, or the random initialisation."""
+  if not path:
+    return f"random init (seed {seed})"
+  return paths.resolve_str(path) if paths.is_url(path) or paths.resolve(path).exists() else path
+
+
 def _run_record(config, gen_cfg, checkpoint, tokenizer, options) -> dict:
   s = config.sample
   return {"num_images": int(s.num_images), "chunk_size": int(s.chunk_size), "seed": int(s.seed),
           "labels": str(s.labels), "num_classes": int(gen_cfg.num_classes),
           "sampler": "ddpm" if gen_cfg.kind == "dit" else "flow",
           "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-          "generator": checkpoint or f"random init (seed {int(config.seed)})",
-          "tokenizer": tokenizer or f"random init (seed {int(config.seed)})"}
+          "generator": _source(checkpoint, int(config.seed)),
+          "tokenizer": _source(tokenizer, int(config.seed))}
 
 
 def _check_or_write_record(out_dir, record: dict) -> None:
@@ -311,7 +321,8 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
                       f"--config.sample.batch_size={-(-batch // devices) * devices}")
   try:  # a wrong path / hub id is the user's mistake: one line, exit 2 (main.py)
     tok = _load_tokenizer(config, tokenizer)
-    loaded = load_generator_network(checkpoint, config.generator.compute_dtype) if checkpoint else None
+    loaded = (load_generator_network(checkpoint, config.generator.compute_dtype) if checkpoint
+              else None)
   except CheckpointError as e:
     raise SampleError(str(e)) from None
   if loaded:
@@ -325,7 +336,10 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
                     gen_cfg.kind.upper(), gen_cfg.hidden_size,
                     gen_cfg.depth)
   want = (tok.config.num_latent_tokens, tok.config.codebook_embed_dim)
-  if gen_cfg.vae_1d and (gen_cfg.input_size, gen_cfg.in_channels) != want:
+  if not gen_cfg.vae_1d:
+    raise SampleError(f"{checkpoint} is a 2-D generator (latents {gen_cfg.input_shape}, e.g. on "
+                      "SD-VAE latents); --mode=sample decodes 1-D SoftVQ tokens only")
+  if (gen_cfg.input_size, gen_cfg.in_channels) != want:
     raise SampleError(f"the generator samples {gen_cfg.input_size} tokens x {gen_cfg.in_channels} "
                       f"channels but the tokenizer decodes {want[0]} x {want[1]}: pass the "
                       "tokenizer the generator was trained on (--tokenizer)")
@@ -341,6 +355,12 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
     raise SampleError("this generator was trained without label dropout (class_dropout_prob = "
                       "0), so it has no null class: use --config.sample.cfg_scale=1 and class "
                       f"labels below {gen_cfg.num_classes}")
+  if s.cfg_scale > 1 and gen_cfg.num_classes != sampling.NULL_CLASS:
+    # the samplers' unconditional label is 1000, this network's null row is num_classes
+    raise SampleError(f"the generator has {gen_cfg.num_classes} classes, so its null class is "
+                      f"{gen_cfg.num_classes}, not the samplers' {sampling.NULL_CLASS}: "
+                      "classifier-free guidance needs num_classes=1000; use "
+                      "--config.sample.cfg_scale=1")
   sampler = ImageSampler(gen_cfg, generator, tok, options)
   proc, nproc = jax.process_index(), jax.process_count()
   workdir_path = paths.resolve(workdir)

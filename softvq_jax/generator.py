@@ -128,6 +128,10 @@ class Generator:
     if self.config.class_dropout_prob <= 0 and cfg_scale > 1:
       raise ValueError("cfg_scale > 1 needs the null class, which this generator does not have "
                        "(class_dropout_prob = 0)")
+    if cfg_scale > 1 and self.config.null_class != sampling.NULL_CLASS:
+      raise ValueError(f"cfg_scale > 1: the samplers guide with class {sampling.NULL_CLASS} as the "
+                       f"null class, this generator's is {self.config.null_class} "
+                       f"(num_classes={n}); sample with cfg_scale=1")
     batch = labels.shape[0]
     shape = (batch,) + tuple(self.config.input_shape)
     if noise is not None:
@@ -290,4 +294,5 @@ def load_generator(path_or_hub_id, *, compute_dtype=None, attention_backend=None
         "Generator.save(directory))")
   if source.count("/") != 1 or source.startswith((".", "/", "~")):
     raise CheckpointError(f"{path}: no such directory, and not a hub id of the form 'owner/name'")
-  return from_official_dir(api._download(source, revision), **kw)  # pylint: disable=protected-access
+  download = api._download  # pylint: disable=protected-access  # the tokenizer's hub helper
+  return from_official_dir(download(source, revision), **kw)

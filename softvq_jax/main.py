@@ -6,6 +6,9 @@ Modes:
                Resumes by itself from the newest complete checkpoint in --workdir.
   eval         rFID / PSNR / SSIM / LPIPS / codebook usage of a tokenizer (--checkpoint, else the
                workdir's newest EMA) on config.data.eval_split: <workdir>/eval/*.json + *.png.
+               With a generator config (a `generator` section, e.g. configs/demo_sit.py): gFID,
+               Inception Score, precision/recall of config.sample.num_images samples of
+               --checkpoint decoded by --tokenizer (softvq_jax/gen_eval.py).
   stats        latent statistics (vq_mean / vq_std, per channel too) of config.latents.split,
                stored in the workdir's checkpoint metadata and <workdir>/latent_stats.json.
   extract      tokens (+ flips) of config.latents.split to sharded .npz files, resumable.
@@ -66,7 +69,7 @@ _CHECKPOINT = flags.DEFINE_string(
     "initialises randomly from --config, eval/stats/extract use --workdir's newest checkpoint")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "images to reconstruct")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "--mode=sample: the tokenizer that decodes the generator's tokens (what "
+    "tokenizer", None, "--mode=sample / generator eval: the tokenizer that decodes the generator's tokens (what "
     "load_tokenizer accepts); default: randomly initialised from --config")
 
 
@@ -271,7 +274,7 @@ def main(argv):
 def _run(config) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _setup_jax()
-  from softvq_jax import preflight  # pylint: disable=import-outside-toplevel
+  from softvq_jax import config_lib, preflight  # pylint: disable=import-outside-toplevel
   preflight.run(config, _WORKDIR.value, _MODE.value)
   if _MODE.value == "train":
     from softvq_jax import train  # pylint: disable=import-outside-toplevel
@@ -279,6 +282,10 @@ def _run(config) -> None:
                              config_path=config_flags.get_config_filename(flags.FLAGS["config"]))
   elif _MODE.value == "reconstruct":
     reconstruct(config, _WORKDIR.value)
+  elif _MODE.value == "eval" and config_lib.is_generator_config(config):  # gFID: gen_eval.py
+    from softvq_jax import gen_eval  # pylint: disable=import-outside-toplevel
+    print(json.dumps(gen_eval.run(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
+                                  tokenizer=_TOKENIZER.value), default=str))
   elif _MODE.value == "eval":
     from softvq_jax import evaluate  # pylint: disable=import-outside-toplevel
     print(json.dumps(evaluate.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)))

@@ -1,4 +1,5 @@
-"""Reconstruction metrics with one pinned protocol: PSNR, SSIM, FID statistics, Inception Score.
+"""Image metrics with one pinned protocol: PSNR, SSIM, FID statistics, Inception Score, and the
+improved precision / recall of generated images.
 
 Why a module of its own: peers' numbers disagree because their protocols differ (SSIM window and
 data range, float vs uint8 reconstructions, FID statistics precision). Everything here is pinned
@@ -15,6 +16,8 @@ and tested against the reference implementations:
   (`frechet_distance`).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -156,15 +159,162 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-  """Inception Score (mean, std over `splits`) from FID-Inception logits [N, 1008] (the
-  torch-fidelity / original protocol: softmax, KL(p(y|x) || p(y)) per split)."""
-  logits = np.asarray(logits, np.float64)
-  p = np.exp(logits - logits.max(axis=1, keepdims=True))
-  p /= p.sum(axis=1, keepdims=True)
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+  """Row-wise log-softmax in float64 (exact where a softmax probability underflows to 0)."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(axis=1, keepdims=True)
+  return z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+
+
+def _split_scores(log_p: np.ndarray, bounds) -> list[float]:
+  """exp(mean_x KL(p(y|x) || p(y))) of each [start, end) slice of the rows (float64)."""
   scores = []
-  for part in np.array_split(p, splits):
-    py = part.mean(axis=0, keepdims=True)
-    kl = np.sum(part * (np.log(part + 1e-12) - np.log(py + 1e-12)), axis=1)
-    scores.append(np.exp(kl.mean()))
+  for start, end in bounds:
+    lp = log_p[start:end]
+    p = np.exp(lp)
+    log_py = np.log(p.mean(axis=0, keepdims=True))
+    scores.append(float(np.exp(np.mean(np.sum(p * (lp - log_py), axis=1)))))
+  return scores
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+  """Inception Score (mean, std over `splits`) from Inception logits [N, 1008] in float64.
+
+  torch-fidelity's formula without its shuffle: split i holds rows [i N // splits, (i + 1) N //
+  splits), and each split scores exp(mean_x KL(p(y|x) || mean_x p(y|x))) with an exact
+  log-softmax. (torch-fidelity and the ADM evaluator feed the classifier's logits WITHOUT its
+  bias, `pool @ W`: see `unbiased_logits`.)
+  """
+  log_p = _log_softmax(logits)
+  n = log_p.shape[0]
+  splits = max(1, min(int(splits), n))
+  scores = _split_scores(log_p, [(i * n // splits, (i + 1) * n // splits) for i in range(splits)])
   return float(np.mean(scores)), float(np.std(scores))
+
+
+ADM_IS_SPLIT_SIZE = 5000
+
+
+def adm_inception_score(logits: np.ndarray, split_size: int = ADM_IS_SPLIT_SIZE
+                        ) -> tuple[float, float]:
+  """Inception Score as the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py)
+  reports it: consecutive splits of `split_size` images (10 splits for 50k samples; the last
+  one shorter if N is not a multiple), exp(mean KL) per split, the mean over splits (and their
+  std, which ADM does not print). `logits` [N, 1008] should be `unbiased_logits(pool, W)` as
+  ADM's softmax graph computes them. Float64, exact log-softmax (ADM's float32 softmax would
+  give NaN where a probability underflows to 0; otherwise the same formula)."""
+  log_p = _log_softmax(logits)
+  n = log_p.shape[0]
+  scores = _split_scores(log_p, [(s, min(s + split_size, n)) for s in range(0, n, split_size)])
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def unbiased_logits(pool: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  """pool [N, 2048] @ kernel [2048, 1008] in float64: the FID Inception's classifier logits
+  without its bias, what the ADM evaluator (`softmax/logits/MatMul`) and torch-fidelity
+  (`logits_unbiased`) compute the Inception Score from."""
+  return np.asarray(pool, np.float64) @ np.asarray(kernel, np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Improved precision and recall (Kynkaenniemi et al. 2019), as the ADM evaluator computes them.
+# ------------------------------------------------------------------------------------------------
+
+PR_NEAREST_K = 3
+PR_BLOCK_ROWS = 1024
+
+
+def _sq_distances(a: Array, b: Array) -> Array:
+  """Squared Euclidean distances [n, m] of rows a [n, D] and b [m, D]: max(|a|^2 - 2 a.b + |b|^2,
+  0) (ADM's DistanceBlock), with full-precision matmuls (no TF32/bf16 passes on GPU/TPU)."""
+  aa = jnp.sum(a * a, axis=1)[:, None]
+  bb = jnp.sum(b * b, axis=1)[None, :]
+  ab = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.maximum(aa - 2.0 * ab + bb, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _kth_smallest(rows: Array, cols: Array, k: int) -> Array:
+  """[n] the (k+1)-th smallest squared distance of each row to `cols` (index k, ascending)."""
+  d = _sq_distances(rows, cols)
+  return -jax.lax.top_k(-d, k + 1)[0][:, k]
+
+
+@jax.jit
+def _pr_block(fake_rows: Array, fake_radii_rows: Array, real: Array, real_radii: Array):
+  """For a block of samples: in any real ball (precision flags [n]) and, per real image, inside
+  some ball of this block (recall flags [m])."""
+  d = _sq_distances(fake_rows, real)  # [n, m]
+  in_real = jnp.any(d <= real_radii[None, :], axis=1)
+  covers_real = jnp.any(d <= fake_radii_rows[:, None], axis=0)
+  return in_real, covers_real
+
+
+def _blocks(n: int, block: int):
+  for start in range(0, n, block):
+    yield start, min(start + block, n)
+
+
+def _padded(x: np.ndarray, start: int, end: int, block: int) -> np.ndarray:
+  """Rows [start, end) padded to `block` rows with copies of the last (one program shape)."""
+  rows = x[start:end]
+  if len(rows) < block:
+    rows = np.concatenate([rows, np.repeat(rows[-1:], block - len(rows), axis=0)])
+  return rows
+
+
+def _centred(real, fake) -> tuple[np.ndarray, np.ndarray]:
+  """Both sets minus the real features' mean, as float32: distances are translation invariant,
+  and smaller norms make |a|^2 - 2 a.b + |b|^2 lose less to cancellation in float32."""
+  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise ValueError(f"precision/recall need features [N, D] of the same D, got {real.shape} and "
+                     f"{fake.shape}")
+  centre = real.mean(axis=0, keepdims=True)
+  return (real - centre).astype(np.float32), (fake - centre).astype(np.float32)
+
+
+def manifold_radii(features, k: int = PR_NEAREST_K, block_rows: int = PR_BLOCK_ROWS) -> np.ndarray:
+  """[N] squared distance of each feature vector to its k-th nearest neighbour in the set, the
+  vector itself counted as its 0th (ADM's `ManifoldEstimator.manifold_radii`, nhood_sizes=(k,),
+  no percentile clamp). Computed on the default device in row blocks of `block_rows` x N."""
+  f = np.asarray(features, np.float32)
+  n = f.shape[0]
+  if k < 1 or n <= k:
+    raise ValueError(f"manifold radii with k={k} need k >= 1 and more than k feature vectors, "
+                     f"got {n}")
+  cols = jnp.asarray(f)
+  out = []
+  for start, end in _blocks(n, block_rows):
+    rows = _padded(f, start, end, min(block_rows, n))
+    out.append(np.asarray(_kth_smallest(jnp.asarray(rows), cols, int(k)))[:end - start])
+  return np.concatenate(out)
+
+
+def precision_recall(real_features, fake_features, k: int = PR_NEAREST_K,
+                     block_rows: int = PR_BLOCK_ROWS) -> tuple[float, float]:
+  """Improved precision and recall (Kynkaenniemi et al. 2019) of samples vs real images, both
+  Inception pool features [N, 2048], as the ADM evaluator computes them: each set's manifold is
+  the union of balls around its vectors with their k-NN radius (`manifold_radii`); precision =
+  fraction of samples inside the real manifold, recall = fraction of real images inside the
+  samples' manifold (a point on a ball's surface counts as inside).
+
+  Batched: one block of `block_rows` samples x all real vectors at a time on the default device
+  (float32 with full-precision matmuls, features centred; ADM itself computes its distances in
+  float16 when finite). Memory ~ block_rows x max(N_real, N_fake) x 4 bytes besides the features.
+  """
+  real, fake = _centred(real_features, fake_features)
+  real_radii = jnp.asarray(manifold_radii(real, k, block_rows))
+  fake_radii = manifold_radii(fake, k, block_rows)
+  real_dev = jnp.asarray(real)
+  n_fake = fake.shape[0]
+  block = min(block_rows, n_fake)
+  in_real = np.zeros((n_fake,), bool)
+  covered = np.zeros((real.shape[0],), bool)
+  for start, end in _blocks(n_fake, block):
+    rows = jnp.asarray(_padded(fake, start, end, block))
+    radii = jnp.asarray(_padded(fake_radii[:, None], start, end, block)[:, 0])
+    p, r = _pr_block(rows, radii, real_dev, real_radii)
+    in_real[start:end] = np.asarray(p)[:end - start]
+    covered |= np.asarray(r)  # padded rows repeat a real row of this block: no new coverage
+  return float(in_real.mean()), float(covered.mean())

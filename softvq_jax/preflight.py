@@ -62,6 +62,10 @@ def splits_read(config, mode: str) -> list[str]:
   d = config.data
   if mode == "train":
     return list(dict.fromkeys([d.train_split, d.eval_split]))
+  if mode == "eval" and "generator" in config:  # gen_eval.py: a split only as its reference
+    from softvq_jax import config_lib  # pylint: disable=import-outside-toplevel
+    ge = config.get("gen_eval") or config_lib.gen_eval_config()
+    return [] if ge.reference else [ge.reference_split]
   if mode in ("eval", "reconstruct"):
     return [d.eval_split]
   if mode in ("stats", "extract"):
@@ -82,6 +86,8 @@ def networks_needed(config, mode: str) -> list[str]:
       names.append("repa_teacher")
     if config.eval.every_steps > 0:  # the in-loop evaluation: rFID + LPIPS
       names += ["inception", "lpips"]
+  elif mode == "eval" and "generator" in config:  # generation evaluation: Inception only
+    names.append("inception")
   elif mode == "eval":
     names += ["inception", "lpips"]
   return list(dict.fromkeys(names))
@@ -98,6 +104,8 @@ def batch_sizes(config, mode: str) -> dict[str, int]:
       out["eval.batch_size" if config.eval.batch_size else "batch_size"] = int(
           config.eval.batch_size or config.batch_size)
     return out
+  if mode == "eval" and "generator" in config:
+    return {}  # sample.batch_size is per process, checked by generate.run
   if mode == "eval":
     return {"eval.batch_size" if config.eval.batch_size else "batch_size":
             int(config.eval.batch_size or config.batch_size)}

@@ -167,7 +167,8 @@ def _check_guidance(cfg_scale: float, guidance_interval) -> tuple[float, float]:
   try:
     low, high = (float(v) for v in guidance_interval)
   except (TypeError, ValueError):
-    raise ValueError(f"guidance_interval={guidance_interval!r} must be a pair (low, high)") from None
+    raise ValueError(
+        f"guidance_interval={guidance_interval!r} must be a pair (low, high)") from None
   if not 0.0 <= low <= high <= 1.0:
     raise ValueError(f"guidance_interval=({low}, {high}) must satisfy 0 <= low <= high <= 1")
   return low, high

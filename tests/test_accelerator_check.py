@@ -85,7 +85,7 @@ def test_environment_is_recorded(smoke):
   # no CUDA here, and that is said, not left blank
   assert e["jax_cuda"]["reason"] and e["torch_cuda"]["reason"]
   assert e["training_stack_imports"] is True
-  assert e["peak_flops_per_device"] is None  # the CPU has no entry in train.PEAK_FLOPS
+  assert e["peak_flops_per_device"] is None  # the CPU has no entry in hardware.CHIPS
 
 
 def test_numerics_compare_each_dtype_and_backend_with_the_cpu_float32_result(smoke):

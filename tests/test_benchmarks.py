@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import require
+from conftest import require, ONE_DEVICE_XLA_FLAGS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -13,7 +13,7 @@ def test_encode_decode_benchmark_runs():
   """Both frameworks timed after the float32 parity guard passed; one JSON line on stdout."""
   require("torch")
   require("timm")
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's plain run
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)  # one CPU device, as a user's plain run
   proc = subprocess.run(
       [sys.executable, "benchmarks/encode_decode.py", "--config=configs/demo.py",
        "--batch_size=2", "--repeats=1", "--window_s=0", "--framework=both"],

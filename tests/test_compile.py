@@ -23,7 +23,7 @@ import jax
 import pytest
 
 from softvq_jax import compile_plan, sharding
-from conftest import config_file, tiny_config
+from conftest import config_file, tiny_config, ONE_DEVICE_XLA_FLAGS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -79,7 +79,7 @@ def test_cli_compile_reports_plan_and_fails_when_too_big(tmp_path):
   """The CLI on a one-device process (it declares the 8 CPU devices itself) with 1 MiB of
   'device memory': the JSON report is written, the exit code is non-zero with advice. Pixel +
   entropy objective: the tokenizer's formulas alone against the compiler."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS, JAX_PLATFORMS="cpu")
   flags = ["--config.image_size=64", "--config.model.encoder_size=micro",
            "--config.model.decoder_size=micro", "--config.model.num_latent_tokens=8",
            "--config.model.num_codebooks=2", "--config.model.codebook_size=64",

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from conftest import ONE_DEVICE_XLA_FLAGS
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 # tests/conftest.py::tiny_config()'s model as flags: 32 px, micro ViTs, 8 tokens.
@@ -21,7 +23,7 @@ TINY = ("--config=configs/demo.py", "--config.image_size=32", "--config.model.en
 
 
 def test_eval_benchmark_runs_and_reports_consistent_numbers():
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(
       [sys.executable, "benchmarks/eval.py", *TINY, "--batch_size=4", "--num_images=6",
        "--repeats=1", "--part_repeats=1"],

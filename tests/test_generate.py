@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import config_file, tiny_config
+from conftest import ONE_DEVICE_XLA_FLAGS, config_file, tiny_config
 import softvq_jax
 from softvq_jax import api, config_lib, generate
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
@@ -183,6 +183,10 @@ def test_user_errors(tokenizer_dir, tmp_path):
   dit.generator.kind = "dit"
   with pytest.raises(generate.SampleError, match="DDPM"):
     generate.run(dit, str(tmp_path), tokenizer=tokenizer_dir)
+  config = _config(cfg_scale=2.0)
+  config.generator.num_classes = 10
+  with pytest.raises(generate.SampleError, match="null class"):
+    generate.run(config, str(tmp_path), tokenizer=tokenizer_dir)
   with pytest.raises(generate.SampleError, match="no such directory"):
     generate.run(_config(), str(tmp_path), checkpoint=str(tmp_path / "missing"),
                  tokenizer=tokenizer_dir)
@@ -201,10 +205,11 @@ def test_demo_sit_config():
 def test_cli_sample_mode(tokenizer_dir, tmp_path):
   """The command a user runs (one CPU device): a randomly initialised SiT says its images are
   noise, writes the grid and the summary."""
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--mode=sample", "--config=configs/demo_sit.py",
-       f"--workdir={tmp_path}", f"--tokenizer={tokenizer_dir}", "--config.sample.steps=2", "--config.sample.grid_images=4", "--config.sample.batch_size=4"],
+       f"--workdir={tmp_path}", f"--tokenizer={tokenizer_dir}", "--config.sample.steps=2",
+       "--config.sample.grid_images=4", "--config.sample.batch_size=4"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "the images are noise" in proc.stderr
@@ -216,3 +221,38 @@ def test_cli_sample_mode(tokenizer_dir, tmp_path):
        f"--workdir={tmp_path}", "--config.sample.mode=euler"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "config.sample.mode" in bad.stderr
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_draw_the_images_one_process_draws(tokenizer_dir, tmp_path):
+  """launch/local_cpu.sh: 2 processes x 2 devices split the chunks (p0/ holds 0 and 2, p1/ 1 and
+  3) and draw the images a single 8-device process draws (per-image keys), with no collective."""
+  flags = ["--mode=sample", "--config=configs/demo_sit.py", f"--tokenizer={tokenizer_dir}",
+           "--config.sample.num_images=20", "--config.sample.chunk_size=6",
+           "--config.sample.steps=3", "--config.sample.grid_images=4"]
+  proc = subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", "local_cpu.sh"), "--num-processes=2",
+       "--devices-per-process=2", f"--port={_free_port()}", f"--log-dir={tmp_path / 'logs'}",
+       f"--python={sys.executable}", "--", f"--workdir={tmp_path / 'mp'}"] + flags
+      + ["--config.sample.batch_size=4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+  assert proc.returncode == 0, (proc.stderr + logs)[-4000:]
+  assert sorted(os.listdir(tmp_path / "mp" / "samples" / "p0")) == ["chunk_000000.npz",
+                                                                     "chunk_000002.npz"]
+  assert sorted(os.listdir(tmp_path / "mp" / "samples" / "p1")) == ["chunk_000001.npz",
+                                                                     "chunk_000003.npz"]
+  two = generate.load_samples(tmp_path / "mp" / "samples")
+  config = config_file("demo_sit")
+  s = config.sample
+  s.num_images, s.chunk_size, s.steps, s.grid_images, s.batch_size = 20, 6, 3, 0, 8
+  generate.run(config, str(tmp_path / "one"), tokenizer=tokenizer_dir)
+  one = generate.load_samples(tmp_path / "one" / "samples")
+  np.testing.assert_array_equal(two["labels"], one["labels"])
+  assert np.abs(two["images"].astype(int) - one["images"].astype(int)).max() <= 1

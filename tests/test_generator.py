@@ -167,3 +167,27 @@ def test_bad_sources_and_options(tmp_path, sit_gen):
     sit_gen.sample([1], noise=np.zeros((1, 8, 5)))
   with pytest.raises(ValueError, match="noise_schedule is a DiT option"):
     sit_gen.sample([1], noise_schedule="cosine")
+  cfg10 = sit_gen.config.replace(num_classes=10)
+  gen10 = Generator(cfg10, sit_lib.build_sit(cfg10))
+  with pytest.raises(ValueError, match="null class, this generator's is 10"):
+    gen10.sample([1], cfg_scale=1.5)
+
+
+def test_hub_id_goes_through_the_tokenizer_download_helper(tmp_path, monkeypatch, sit_gen):
+  """owner/name -> api._download (huggingface_hub snapshot of config.json + model.safetensors),
+  then the same strict loader; stubbed here (no network)."""
+  from softvq_jax import api  # pylint: disable=import-outside-toplevel
+  sit_gen.save(str(tmp_path / "snapshot"))
+  asked = []
+
+  def fake_download(hub_id, revision):
+    asked.append((hub_id, revision))
+    return str(tmp_path / "snapshot")
+
+  monkeypatch.setattr(api, "_download", fake_download)
+  gen = softvq_jax.load_generator("SoftVQVAE/sit-xl_softvq-b-64", revision="main",
+                                  attention_backend="xla")
+  assert asked == [("SoftVQVAE/sit-xl_softvq-b-64", "main")]
+  assert gen.config == sit_gen.config
+  with pytest.raises(CheckpointError, match="not a hub id"):
+    softvq_jax.load_generator("not/a/hub/id")

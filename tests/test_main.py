@@ -10,11 +10,13 @@ import time
 import numpy as np
 from PIL import Image
 
+from conftest import ONE_DEVICE_XLA_FLAGS
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_main_reconstruct_on_demo_data(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's plain run
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)  # one CPU device, as a user's plain run
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--config=configs/demo.py",
        f"--workdir={tmp_path}", "--mode=reconstruct", "--num_images=4"],
@@ -62,7 +64,7 @@ def _train_cmd(workdir, steps):
 
 
 def _train(workdir, steps, *extra_flags):
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(_train_cmd(workdir, steps) + list(extra_flags), cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,7 +115,7 @@ def test_main_trains_and_loads_as_tokenizer(tmp_path):
   np.testing.assert_array_equal(np.asarray(tok._state["quantize"]["embedding"][...]),  # pylint: disable=protected-access
                                 ema["quantize"]["embedding"]["value"])
   # The README's evaluation command on the same workdir (the demo's random Inception / VGG).
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(_train_cmd(tmp_path, 8)[:5] + _TRAIN_FLAGS + [
       "--mode=eval", "--config.eval.num_images=6", "--config.data.demo_eval_size=8"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -130,7 +132,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
   steps = 16
   ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
   _train(ref_dir, steps)
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.Popen(_train_cmd(dir_, steps), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _wait_for(dir_ / "checkpoints" / "8", proc)
@@ -152,7 +154,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.Popen(_train_cmd(tmp_path, 400), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   _wait_for(tmp_path / "checkpoints" / "4", proc)

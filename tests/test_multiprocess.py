@@ -28,6 +28,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STEPS, CKPT_EVERY, LOG_EVERY, NPROC, DEVICES_PER_PROC = 12, 4, 2, 2, 4
 
@@ -108,7 +110,7 @@ def test_two_process_cpu_training_matches_one_process_and_resumes_after_kill_9(t
   ref = subprocess.Popen(  # runs alongside the first multi-process run (they mostly wait on I/O)
       [sys.executable, os.path.abspath(__file__), "--reference", f"--workdir={ref_wd}"]
       + _config_flags(), cwd=ROOT, stdout=ref_log, stderr=subprocess.STDOUT,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}",
                JAX_PLATFORMS="cpu"))
   try:
     # 1. Two processes; kill -9 the whole launch (launcher + both trainers) once step 8's

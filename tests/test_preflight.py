@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import config_file, tiny_config
+from conftest import config_file, tiny_config, ONE_DEVICE_XLA_FLAGS
 from softvq_jax import fetch, preflight
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -176,7 +176,7 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
       "unknown field": (["--config=configs/demo.py", work, "--config.optim.lrr=1"],
                         'no field config.optim.lrr (Did you mean "lr"'),
   }
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   procs = {name: subprocess.Popen([sys.executable, "-m", "softvq_jax.main", *args], cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import require
+from conftest import ONE_DEVICE_XLA_FLAGS, require
 from softvq_jax.convert import generator_official as gen_official
 from softvq_jax.convert.safetensors_io import CheckpointError
 from softvq_jax.models import sit as sit_lib
@@ -308,7 +308,8 @@ def test_sample_benchmark_runs():
   proc = subprocess.run(
       [sys.executable, "benchmarks/sample.py", "--size=micro", "--batch_size=2", "--repeats=1",
        "--window_s=0", "--tokens=8", "--channels=4", "--latent_size=8"],
-      cwd=root, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+      cwd=root, env=dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS), capture_output=True,
+      text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stdout
@@ -318,3 +319,44 @@ def test_sample_benchmark_runs():
     assert r["sequence_length"] == seq and r["parity_float32"]["max_abs_diff"] <= 1e-3
     assert r["jax"]["img_s"] > 0 and r["torch"]["img_s"] > 0
   assert result["ratio_1d_over_2d"]["jax"] > 0
+
+
+def test_logical_axes_shard_over_a_mesh_and_remat_is_the_same_function():
+  """Every stored array (parameters and pos_embed) gets a sharding from the logical-axis rules;
+  FSDP over 8 devices splits the big matrices; remat=True computes the same output."""
+  from softvq_jax import sharding  # pylint: disable=import-outside-toplevel
+  cfg = sit_lib.SiTConfig(input_size=8, in_channels=4, attention_backend="xla", **SMALL)
+  _, state = nnx.split(sit_lib.abstract_sit(cfg))
+  mesh = sharding.create_mesh((1, -1, 1))
+  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh)))
+  assert ("pos_embed",) in shardings
+  spec = shardings[("blocks", 0, "adaLN_modulation", 1, "kernel")].value.spec
+  assert "fsdp" in tuple(spec), spec
+  model = sit_lib.build_sit(cfg, seed=3)
+  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]))
+  x, t, y = _inputs(cfg)
+  out = _apply(model, x, t, y)
+  graphdef, state = nnx.split(model)
+  remat = nnx.merge(nnx.graphdef(sit_lib.abstract_sit(cfg.replace(remat=True))), state)
+  np.testing.assert_allclose(_apply(remat, x, t, y), out, atol=1e-5)
+  assert np.abs(out).max() > 0.01
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  """compute_dtype=bfloat16 (matmul inputs; residual stream, LayerNorm, softmax float32): same
+  parameters, float32 output, within bf16 rounding of the float32 network."""
+  model = _torch_model(**CASES["sit_2d"], seed=5)
+  cfg = _cfg(CASES["sit_2d"])
+  ours = _ours_from_torch(model, cfg)
+  x, t, y = _inputs(cfg, seed=4)
+  ref = _apply(ours, x, t, y)
+  graphdef, state = nnx.split(ours)
+  bf16 = nnx.merge(nnx.graphdef(sit_lib.abstract_sit(ours.cfg.replace(compute_dtype="bfloat16"))),
+                   state)
+  out = _apply(bf16, x, t, y)
+  assert out.dtype == np.float32
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  assert 0 < rel < 3e-2, rel

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import require
+from conftest import require, ONE_DEVICE_XLA_FLAGS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -35,7 +35,7 @@ def test_train_step_benchmark_runs_and_both_steps_agree():
     if os.environ.get("SOFTVQ_REQUIRE_TORCH") == "1":
       pytest.fail("timm is required (SOFTVQ_REQUIRE_TORCH=1) but is not installed")
     pytest.skip("timm not installed")
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's plain run
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)  # one CPU device, as a user's plain run
   proc = subprocess.run(
       [sys.executable, "benchmarks/train_step.py", *TINY, "--repeats=1", "--warmup_steps=1",
        "--framework=both", "--check_update"],

@@ -1,4 +1,4 @@
-"""SiT and DiT (adaLN-Zero diffusion transformers) over SoftVQ tokens or 2-D latents (spec 8.1, 8.4).
+"""SiT and DiT (adaLN-Zero diffusion transformers) on SoftVQ tokens or 2-D latents (spec 8.1, 8.4).
 
 Two input forms, one network:
   1-D (`vae_1d=True`, what the SoftVQ generators use): x [B, N, e] latent tokens; every token is one
