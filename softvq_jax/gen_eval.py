@@ -13,7 +13,8 @@ The protocol, pinned so numbers compare with the paper's (spec 8.3) and run to r
    every saved image. A rerun finishes missing chunks and re-uses the others.
 2. Features: pool (2048-d) features of the same FID Inception-v3 port as the tokenizer evaluation
    (pytorch-fid numerics), computed chunk by chunk on each process's devices and saved next to
-   the chunk (`p<process>/features_<k>.npz`): a crash re-uses finished chunks' features.
+   the chunk (`p<process>/features_<k>.npz`, with a fingerprint of the Inception weights): a
+   crash re-uses finished chunks' features, another Inception's are recomputed.
 3. FID: float64 mean / covariance of the samples' features (`metrics.FeatureStats`) against the
    reference `mu` / `sigma`, `metrics.frechet_distance` (pytorch-fid's formula).
    The reference is either an ADM-format .npz (`mu`, `sigma`, and the reference batch's images
@@ -44,6 +45,7 @@ the same metrics (the trainer integration calls it every N steps; see its docstr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any
@@ -118,6 +120,10 @@ class InceptionFeatures:
     self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
     # The classifier's weight [2048, 1008]: the Inception Score's logits are pool @ W (no bias).
     self.fc_kernel = np.asarray(inception.fc.kernel[...], np.float64)
+    # Which weights made a saved feature file: features of another Inception are recomputed,
+    # never mixed (the classifier's weight stands for the network: it differs between files).
+    self.fingerprint = hashlib.sha256(
+        np.asarray(inception.fc.kernel[...], np.float32).tobytes()).hexdigest()[:16]
     self.random_init = random_init
 
   @property
@@ -163,10 +169,14 @@ def _cache_dir(workdir) -> Any:
   return paths.resolve(workdir) / "fid_stats"
 
 
-def _load_features_cache(path) -> np.ndarray | None:
+def _load_features_cache(path, fingerprint: str) -> np.ndarray | None:
+  """Cached pool features made by the Inception `fingerprint`, else None (recomputed)."""
   try:
     if paths.resolve(path).exists():
-      return paths.load_npz(path, keys=("pool",))["pool"]
+      f = paths.load_npz(path, keys=("pool", "inception"))
+      if str(f["inception"]) == fingerprint:
+        return f["pool"]
+      logging.warning("%s holds features of another Inception; recomputing them", path)
   except (OSError, ValueError, KeyError) as e:
     logging.warning("ignoring the feature cache %s (%s); recomputing it", path, e)
   return None
@@ -187,7 +197,7 @@ def adm_reference(path: str, workdir, features: InceptionFeatures, *, precision_
     return Reference(mu, sigma, None, record)
   name = paths.resolve(path).name.removesuffix(".npz")
   cache = _cache_dir(workdir) / f"adm_{name}_{pr_images}_pool{features.suffix}.npz"
-  feats = _load_features_cache(cache)
+  feats = _load_features_cache(cache, features.fingerprint)
   if feats is None:
     try:
       images = paths.load_npz(path, keys=("arr_0",))["arr_0"]
@@ -203,7 +213,7 @@ def adm_reference(path: str, workdir, features: InceptionFeatures, *, precision_
     feats = features(images)
     logging.info("reference features of %d images of %s: %.1f s", len(feats), path,
                  time.perf_counter() - t0)
-    paths.save_npz(cache, pool=feats)
+    paths.save_npz(cache, pool=feats, inception=np.str_(features.fingerprint))
   record["precision_recall_images"] = int(len(feats))
   return Reference(mu, sigma, feats, record)
 
@@ -229,7 +239,7 @@ def split_reference(config, workdir, features: InceptionFeatures, *, image_size:
       cached = metrics.load_stats(stats_path)
     except (OSError, ValueError, KeyError):
       cached = None
-  feats = _load_features_cache(feats_path) if precision_recall else None
+  feats = _load_features_cache(feats_path, features.fingerprint) if precision_recall else None
   if cached is not None and (feats is not None or not precision_recall):
     mu, sigma = cached
     n = int(paths.load_npz(stats_path).get("num_images", -1))
@@ -258,7 +268,7 @@ def split_reference(config, workdir, features: InceptionFeatures, *, image_size:
     metrics.save_stats(stats_path, mu, sigma, n)
     if precision_recall:
       feats = np.concatenate(kept)[:pr_images or None]
-      paths.save_npz(feats_path, pool=feats)
+      paths.save_npz(feats_path, pool=feats, inception=np.str_(features.fingerprint))
   record.update(num_images=n, precision_recall_images=0 if feats is None else int(len(feats)))
   return Reference(mu, sigma, feats, record)
 
@@ -332,7 +342,7 @@ def chunk_features(out_dir, features: InceptionFeatures, *, num_images: int, chu
   done = _find(out_dir, FEATURES_PATTERN.format(0, suffix=suffix).replace("000000", "*"))
   computed = reused = 0
   for k in generate.process_chunks(num_images, chunk_size, process, num_processes):
-    if k in done:
+    if k in done and _load_features_cache(done[k], features.fingerprint) is not None:
       reused += 1
       continue
     if k not in chunks:
@@ -341,15 +351,17 @@ def chunk_features(out_dir, features: InceptionFeatures, *, num_images: int, chu
     t0 = time.perf_counter()
     pool = features(sample["images"])
     paths.save_npz(features_path(out_dir, process, k, suffix), pool=pool,
-                   indices=sample["indices"])
+                   indices=sample["indices"], inception=np.str_(features.fingerprint))
     computed += 1
     logging.info("features of chunk %d (%d images): %.1f s", k, len(pool),
                  time.perf_counter() - t0)
   return computed, reused
 
 
-def load_chunk_features(out_dir, *, num_images: int, chunk_size: int, suffix: str) -> np.ndarray:
-  """All chunks' pool features [N, 2048] in image order (every image once)."""
+def load_chunk_features(out_dir, *, num_images: int, chunk_size: int, suffix: str,
+                        fingerprint: str | None = None) -> np.ndarray:
+  """All chunks' pool features [N, 2048] in image order (every image once), all made by the
+  Inception `fingerprint` when given."""
   found = _find(out_dir, FEATURES_PATTERN.format(0, suffix=suffix).replace("000000", "*"))
   expected = -(-num_images // chunk_size)
   missing = [k for k in range(expected) if k not in found]
@@ -357,6 +369,9 @@ def load_chunk_features(out_dir, *, num_images: int, chunk_size: int, suffix: st
     raise GenEvalError(f"{out_dir}: features of {len(missing)} of {expected} chunks missing (e.g. "
                        f"chunk {missing[0]}); rerun the same --mode=eval command")
   parts = [paths.load_npz(found[k]) for k in range(expected)]
+  if fingerprint is not None and any(str(p["inception"]) != fingerprint for p in parts):
+    raise GenEvalError(f"{out_dir}: feature files of another Inception; rerun the same "
+                       "--mode=eval command on every process (they are recomputed)")
   indices = np.concatenate([p["indices"] for p in parts])
   if indices.tolist() != list(range(num_images)):
     raise GenEvalError(f"{out_dir}: the feature files do not cover images 0..{num_images - 1} "
@@ -402,7 +417,8 @@ def run(config, workdir: str, *, checkpoint: str | None = None,
     multihost_utils.sync_global_devices("gen_eval: every chunk's features written")
   if jax.process_index() != 0:
     return summary
-  pool = load_chunk_features(out_dir, num_images=total, chunk_size=size, suffix=features.suffix)
+  pool = load_chunk_features(out_dir, num_images=total, chunk_size=size, suffix=features.suffix,
+                             fingerprint=features.fingerprint)
   first = paths.load_npz(_find(out_dir, "chunk_*.npz")[0], keys=("images",))["images"]
   t2 = time.perf_counter()
   reference = load_reference(config, workdir, features, image_size=int(first.shape[1]))

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from conftest import ONE_DEVICE_XLA_FLAGS, require, tiny_config
-from softvq_jax import api, config_lib, evaluate, gen_eval, generate, metrics
+from softvq_jax import api, config_lib, evaluate, gen_eval, generate, metrics, paths
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -170,8 +170,9 @@ class _MeanColourFeatures:
   random_init = False
   batch_size = 4
 
-  def __init__(self):
+  def __init__(self, fingerprint="stub"):
     self.calls = 0
+    self.fingerprint = fingerprint
 
   def __call__(self, images):
     self.calls += 1
@@ -199,13 +200,17 @@ def test_adm_reference_batch_is_read(tmp_path):
                                precision_recall=True, pr_images=10)
   np.testing.assert_array_equal(ref.mu, arrays["mu"])
   np.testing.assert_array_equal(ref.sigma, arrays["sigma"])
-  np.testing.assert_allclose(ref.features, feats.__class__()(arrays["arr_0"][:10]))
+  np.testing.assert_allclose(ref.features, _MeanColourFeatures()(arrays["arr_0"][:10]))
   assert ref.record["kind"] == "adm_npz" and ref.record["precision_recall_images"] == 10
   # the reference images' features are cached: a second evaluation does not recompute them
   again = gen_eval.adm_reference(str(tmp_path / "VIRTUAL_tiny.npz"), tmp_path / "work", feats,
                                  precision_recall=True, pr_images=10)
   assert feats.calls == 1
   np.testing.assert_array_equal(again.features, ref.features)
+  other = _MeanColourFeatures("another inception")  # another network: recomputed
+  gen_eval.adm_reference(str(tmp_path / "VIRTUAL_tiny.npz"), tmp_path / "work", other,
+                         precision_recall=True, pr_images=10)
+  assert other.calls == 1
   # statistics without images (a pytorch-fid .npz): FID only
   _write_adm_npz(tmp_path / "stats_only.npz", with_images=False)
   ref = gen_eval.adm_reference(str(tmp_path / "stats_only.npz"), tmp_path / "work", feats,
@@ -225,6 +230,29 @@ def test_adm_reference_batch_is_read(tmp_path):
   with pytest.raises(gen_eval.GenEvalError, match="uint8"):
     gen_eval.adm_reference(str(tmp_path / "floats.npz"), tmp_path / "work2", feats,
                            precision_recall=True, pr_images=0)
+
+
+def test_chunk_features_resume_and_belong_to_one_inception(tmp_path):
+  rng = np.random.default_rng(0)
+  for k, idx in enumerate((np.arange(0, 4), np.arange(4, 7))):
+    paths.save_npz(tmp_path / "p0" / f"chunk_{k:06d}.npz",
+                   images=rng.integers(0, 256, (len(idx), 8, 8, 3), dtype=np.uint8),
+                   labels=idx.astype(np.int32), indices=idx)
+  a = _MeanColourFeatures("a")
+  kw = dict(num_images=7, chunk_size=4, process=0, num_processes=1)
+  assert gen_eval.chunk_features(tmp_path, a, **kw) == (2, 0)
+  assert gen_eval.chunk_features(tmp_path, a, **kw) == (0, 2) and a.calls == 2
+  pool = gen_eval.load_chunk_features(tmp_path, num_images=7, chunk_size=4, suffix="",
+                                      fingerprint="a")
+  assert pool.shape == (7, 2048)
+  # another Inception's features are recomputed, never mixed in
+  b = _MeanColourFeatures("b")
+  assert gen_eval.chunk_features(tmp_path, b, **kw) == (2, 0)
+  with pytest.raises(gen_eval.GenEvalError, match="another Inception"):
+    gen_eval.load_chunk_features(tmp_path, num_images=7, chunk_size=4, suffix="", fingerprint="a")
+  os.remove(tmp_path / "p0" / "features_000001.npz")
+  with pytest.raises(gen_eval.GenEvalError, match="1 of 2 chunks missing"):
+    gen_eval.load_chunk_features(tmp_path, num_images=7, chunk_size=4, suffix="")
 
 
 def test_bad_settings_name_the_field():
