@@ -187,8 +187,8 @@ def run(*, size: str, depth: int, tokens: int, channels: int, batch: int, repeat
         torch.backends.cuda.matmul.allow_tf32 = False
         stack.callback(lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", tf32))
       loss_t, gnorm_t = torch_step(
-          torch.from_numpy(np.asarray(draw.t)).to(torch_device),
-          torch.from_numpy(np.asarray(draw.noise)).to(torch_device),
+          torch.from_numpy(np.array(draw.t)).to(torch_device),
+          torch.from_numpy(np.array(draw.noise)).to(torch_device),
           torch.from_numpy(dropped.astype(np.int64)).to(torch_device))
     tmodel.train()
     parity = {"loss": [float(loss_j), float(loss_t)],
