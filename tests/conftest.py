@@ -98,6 +98,12 @@ _COSTLIEST_FIRST = ("test_multiprocess.py", "test_main.py", "test_train.py", "te
                     "test_generate.py")
 
 
+def pytest_configure(config):
+  # xdist (>= 3.6) reorders files by their number of tests unless told not to; keep ours.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
   def rank(item):
     name = item.path.name
