@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import time
 
 
 def model_name(config) -> str:
@@ -42,3 +43,27 @@ def compiled_memory(compiled) -> dict | None:
   out["total_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
                         - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
   return out
+
+
+def timed_windows(fns: dict, batch: int, repeats: int, window_s: float,
+                  pause_s: float = 0.1) -> dict[str, list[float]]:
+  """Images/s of each callable in `repeats` windows, interleaved in ABBA order.
+
+  fns: {name: f} where f() runs one call and waits for its result. A window repeats f until
+  window_s has passed (at least once) and yields calls * batch / elapsed. pause_s: a sleep before
+  each window, so the other framework's spinning worker threads go idle.
+  """
+  names = list(fns)
+  rates = {n: [] for n in names}
+  for r in range(repeats):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      time.sleep(pause_s)
+      calls, t0 = 0, time.perf_counter()
+      while True:
+        fns[name]()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= window_s:
+          break
+      rates[name].append(calls * batch / elapsed)
+  return rates

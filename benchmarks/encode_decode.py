@@ -43,7 +43,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_util import cpu_model, model_name  # noqa: E402
+from bench_util import cpu_model, model_name, timed_windows  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
@@ -60,29 +60,6 @@ _ATOL = flags.DEFINE_float("atol", 1e-3, "parity guard: max abs diff allowed bet
                            "outputs of ours and torch (negative: skip the guard)")
 _SEED = flags.DEFINE_integer("seed", 0, "weights and inputs")
 
-_PAUSE_S = 0.1  # before each window: lets the other framework's spinning worker threads go idle
-
-
-def timed_windows(fns: dict, batch: int, repeats: int, window_s: float) -> dict[str, list[float]]:
-  """Images/s of each callable in `repeats` windows, interleaved in ABBA order.
-
-  fns: {name: f} where f() runs one call and waits for its result. A window repeats f until
-  window_s has passed (at least once) and yields calls * batch / elapsed.
-  """
-  names = list(fns)
-  rates = {n: [] for n in names}
-  for r in range(repeats):
-    for name in (names if r % 2 == 0 else names[::-1]):
-      time.sleep(_PAUSE_S)
-      calls, t0 = 0, time.perf_counter()
-      while True:
-        fns[name]()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= window_s:
-          break
-      rates[name].append(calls * batch / elapsed)
-  return rates
 
 
 def run(config, *, batch_size: int | None, repeats: int, window_s: float, framework: str,

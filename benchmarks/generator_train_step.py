@@ -42,7 +42,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_util import cpu_model  # noqa: E402
+from bench_util import cpu_model, timed_windows  # noqa: E402
 
 _SIZE = flags.DEFINE_enum("size", "XL", ["micro", "S", "B", "L", "XL"], "SiT size (spec 8.1)")
 _DEPTH = flags.DEFINE_integer("depth", 0, "override the size's depth (0 = the size's)")
@@ -60,26 +60,7 @@ _RTOL = flags.DEFINE_float("rtol", 1e-4, "parity guard on the first step's loss 
 _SEED = flags.DEFINE_integer("seed", 0, "weights and inputs")
 _OUT = flags.DEFINE_string("out", None, "also write the JSON record to this file")
 
-_PAUSE_S = 0.1
 LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.999), 1e-8, 1.0
-
-
-def timed_windows(fns: dict, batch: int, repeats: int, window_s: float) -> dict[str, list[float]]:
-  """Examples/s of each callable in `repeats` windows, interleaved ABBA."""
-  names = list(fns)
-  rates = {n: [] for n in names}
-  for r in range(repeats):
-    for name in (names if r % 2 == 0 else names[::-1]):
-      time.sleep(_PAUSE_S)
-      calls, t0 = 0, time.perf_counter()
-      while True:
-        fns[name]()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= window_s:
-          break
-      rates[name].append(calls * batch / elapsed)
-  return rates
 
 
 def run(*, size: str, depth: int, tokens: int, channels: int, batch: int, repeats: int,

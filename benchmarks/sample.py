@@ -40,7 +40,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_util import cpu_model  # noqa: E402
+from bench_util import cpu_model, timed_windows  # noqa: E402
 
 _FORMS = flags.DEFINE_list("forms", ["1d", "2d"], "which networks: 1d (SiT/1 on tokens), "
                            "2d (SiT/p on NHWC latents)")
@@ -65,25 +65,6 @@ _ATOL = flags.DEFINE_float("atol", 1e-3, "parity guard, relative to max(1, max |
                            "(negative: skip)")
 _SEED = flags.DEFINE_integer("seed", 0, "weights and inputs")
 
-_PAUSE_S = 0.1
-
-
-def timed_windows(fns: dict, batch: int, repeats: int, window_s: float) -> dict[str, list[float]]:
-  """Images/s of each callable in `repeats` windows, interleaved ABBA (as encode_decode.py)."""
-  names = list(fns)
-  rates = {n: [] for n in names}
-  for r in range(repeats):
-    for name in (names if r % 2 == 0 else names[::-1]):
-      time.sleep(_PAUSE_S)
-      calls, t0 = 0, time.perf_counter()
-      while True:
-        fns[name]()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= window_s:
-          break
-      rates[name].append(calls * batch / elapsed)
-  return rates
 
 
 def _form_config(form: str, size: str, depth: int, sit_lib):
