@@ -44,8 +44,13 @@ def dirty_files(base: np.ndarray) -> dict[str, tuple[bytes, bool]]:
   jpeg = encode(base, "JPEG", quality=90)
   gray = np.asarray(Image.fromarray(base).convert("L"))
   corrupt = bytearray(jpeg)
-  corrupt[len(jpeg) // 3: len(jpeg) // 3 + 400] = os.urandom(400)  # garbage in the scan data...
-  corrupt = bytes(corrupt[:len(jpeg) // 2])                            # ...and no end marker
+  # Garbage in the scan data, and no end marker. The garbage is fixed and free of 0xFF: with
+  # random bytes (os.urandom before) a 0xFF starts a marker that ends the scan early, and PIL then
+  # decodes the file without error in 22 of 300 draws (measured; seen in CI as corrupt.jpeg
+  # accepted as a good file). Without 0xFF none of 300 draws decodes.
+  garbage = np.random.default_rng(0).integers(0, 0xFF, 400, dtype=np.uint8).tobytes()
+  corrupt[len(jpeg) // 3: len(jpeg) // 3 + 400] = garbage
+  corrupt = bytes(corrupt[:len(jpeg) // 2])
   rgba = np.concatenate([base, np.full(base.shape[:2] + (1,), 128, np.uint8)], -1)
   gray16 = (gray.astype(np.uint16) << 8) | 0x5A
   rgb16 = (base.astype(np.uint16) << 8) | 0x33
