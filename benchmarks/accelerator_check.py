@@ -76,7 +76,7 @@ SMOKE_OVERRIDES = {
     "model.codebook_embed_dim": 16, "disc.img_size": 32, "num_train_steps": 100,
     "optim.warmup_steps": 2,
 }
-# The released recipe's weights of the three network terms (spec 5), set explicitly: "full" must
+# The released recipe's weights of the three network terms (spec.md §5), set explicitly: "full" must
 # mean all three whatever a config file does for its own reasons (the demo turns LPIPS off).
 FULL_OBJECTIVE = {"loss.perceptual_weight": 1.0, "loss.repa_weight": 0.1, "loss.gan_weight": 0.2}
 PLANS = {

@@ -1,4 +1,4 @@
-"""The paper's throughput claim re-measured (spec 8.5): SiT on 1-D SoftVQ tokens vs SiT/2 on SD-VAE
+"""The paper's throughput claim re-measured (spec.md §8.5): SiT on 1-D SoftVQ tokens vs SiT/2 on SD-VAE
 latents, generator only and end to end (generator + decode).
 
   python benchmarks/generation.py                                   # a GPU: the published sampler
@@ -68,12 +68,12 @@ SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block
               block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
-# What is measured. "paper": the comparison of spec 8.5 at the released shapes. "toy": the same
+# What is measured. "paper": the comparison of spec.md §8.5 at the released shapes. "toy": the same
 # structure at tiny sizes (micro networks, 32 / 64 px) so the smoke test runs in seconds.
 PLANS = {
     "paper": {
         "sit_size": "XL",
-        "tokens": {32: 64, 64: 32},             # N -> e (spec 2: 32-token models have e = 64)
+        "tokens": {32: 64, 64: 32},             # N -> e (spec.md §2: 32-token models have e = 64)
         "resolutions": {
             256: {"latent": 32, "tokenizers": {32: "b-32", 64: "b-64"}},
             512: {"latent": 64, "tokenizers": {32: "l-32-512", 64: "bl-64-512"}},
@@ -99,7 +99,7 @@ PLANS = {
                        layers_per_block=1),
     },
 }
-PAPER_CLAIM = {256: 18.0, 512: 55.0}  # "up to 18x (256 px) and 55x (512 px)" (spec 8.5)
+PAPER_CLAIM = {256: 18.0, 512: 55.0}  # "up to 18x (256 px) and 55x (512 px)" (spec.md §8.5)
 LATENT_CHANNELS_2D = 4
 PATCH_2D = 2
 
@@ -177,7 +177,7 @@ def _sit_config(size: str, depth: int, *, tokens: int | None = None, channels: i
 def shared_weight_states(cfgs: dict, seed: int) -> dict:
   """{name: (graphdef, state)} for SiT configs that differ only in their input form.
 
-  The first network is built (random init, spec 8.1); every other one reuses its arrays wherever
+  The first network is built (random init, spec.md §8.1); every other one reuses its arrays wherever
   the parameter path and shape agree (all transformer blocks, the timestep and label embedders)
   and draws the few form-specific ones (x_embedder, pos_embed, final linear) at N(0, 0.02): so
   the generators hold the same block weights and the process holds them once. Values do not
@@ -317,7 +317,7 @@ def torch_softvq_decoder(cfg, batch: int, seed: int, device: str, compute_dtype:
   want = (batch, 3, cfg.image_size, cfg.image_size)
   if tuple(img.shape) != want:
     raise AssertionError(f"the torch SoftVQ decoder returned {tuple(img.shape)}, expected {want}")
-  # timm builds a patch_embed the decoder never uses (spec 2): not counted, as in ours
+  # timm builds a patch_embed the decoder never uses (spec.md §2): not counted, as in ours
   return call, sum(p.numel() for n, p in model.named_parameters() if "patch_embed" not in n)
 
 

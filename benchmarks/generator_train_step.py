@@ -4,7 +4,7 @@ PyTorch, the same weights, one optimizer step of the flow-matching loss.
   python benchmarks/generator_train_step.py --size=XL --depth=4 --batch_size=2   # a 2-core CPU
   python benchmarks/generator_train_step.py --size=XL --batch_size=64 --compute_dtype=bfloat16  # GPU
 
-Prints ONE JSON line (also written to --out). One step, both sides (spec 8.2's recipe, no EMA):
+Prints ONE JSON line (also written to --out). One step, both sides (spec.md §8.2's recipe, no EMA):
   loss  flow matching, v-prediction, linear path, uniform t: per example
         mean over tokens and channels of (model(x_t, t, y) - v)^2, batch mean; label dropout 0.1
         in the network. Ours: `softvq_jax.generator_objective.make_loss_fn` (the trainer's loss,
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_util import cpu_model, timed_windows  # noqa: E402
 
-_SIZE = flags.DEFINE_enum("size", "XL", ["micro", "S", "B", "L", "XL"], "SiT size (spec 8.1)")
+_SIZE = flags.DEFINE_enum("size", "XL", ["micro", "S", "B", "L", "XL"], "SiT size (spec.md §8.1)")
 _DEPTH = flags.DEFINE_integer("depth", 0, "override the size's depth (0 = the size's)")
 _TOKENS = flags.DEFINE_integer("tokens", 64, "latent tokens N")
 _CHANNELS = flags.DEFINE_integer("channels", 32, "token dim e")

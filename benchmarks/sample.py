@@ -44,7 +44,7 @@ from bench_util import cpu_model, timed_windows  # noqa: E402
 
 _FORMS = flags.DEFINE_list("forms", ["1d", "2d"], "which networks: 1d (SiT/1 on tokens), "
                            "2d (SiT/p on NHWC latents)")
-_SIZE = flags.DEFINE_enum("size", "XL", ["micro", "S", "B", "L", "XL"], "SiT size (spec 8.1)")
+_SIZE = flags.DEFINE_enum("size", "XL", ["micro", "S", "B", "L", "XL"], "SiT size (spec.md §8.1)")
 _DEPTH = flags.DEFINE_integer("depth", 0, "override the size's depth (0 = the size's); the JSON "
                               "then names the model e.g. SiT-XL(d=4)/1")
 _TOKENS = flags.DEFINE_integer("tokens", 64, "1d: latent tokens N")

@@ -1,10 +1,10 @@
 """The official SoftVQ-VAE architecture in PyTorch eager (timm ViTs), for speed comparisons.
 
 This is what the official code (Hhhhhhao/continuous_tokenizer) runs: timm `VisionTransformer`s
-built from the DINOv2 model names at patch 16 / img_size S (reference spec 1.1), the encoder and
-decoder forward passes of spec 1.2 / 1.4 written against timm's own `patch_embed`, `_pos_embed`,
+built from the DINOv2 model names at patch 16 / img_size S (spec.md §1.1), the encoder and
+decoder forward passes of spec.md §1.2 / 1.4 written against timm's own `patch_embed`, `_pos_embed`,
 `blocks` and `norm` (so timm's attention, fused SDPA included, is what gets timed), and the soft
-quantizer of spec 1.3. Module and parameter names are the official state-dict keys, so
+quantizer of spec.md §1.3. Module and parameter names are the official state-dict keys, so
 `softvq_jax.convert.state_dict.load_state_dict` loads this model's weights into ours, and the
 benchmarks can check that both compute the same thing before timing them.
 
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from softvq_jax import config_lib
 from softvq_jax.models.tokenizer import TokenizerConfig
 
-# The timm names the official code builds (spec 1.1); other sizes ("mini", our CPU demo size) are
+# The timm names the official code builds (spec.md §1.1); other sizes ("mini", our CPU demo size) are
 # built with timm's VisionTransformer class and the same DINOv2 options.
 TIMM_NAMES = {"S": "vit_small_patch14_dinov2.lvd142m", "B": "vit_base_patch14_dinov2.lvd142m",
               "L": "vit_large_patch14_dinov2.lvd142m"}
@@ -119,7 +119,7 @@ class SoftVectorQuantizer(nn.Module):
     zq = zq.reshape(c, b, n // c, e).transpose(0, 1).reshape(b, n, e)
     if not with_loss:
       return zq
-    a = logits.reshape(-1, logits.shape[-1]).float() / 0.01  # spec 1.3 step 7
+    a = logits.reshape(-1, logits.shape[-1]).float() / 0.01  # spec.md §1.3 step 7
     p, logp = torch.softmax(a, -1), torch.log_softmax(a + 1e-5, -1)
     avg_p = p.mean(0)
     loss = -(p * logp).sum(-1).mean() + (avg_p * torch.log(avg_p + 1e-6)).sum()

@@ -1,4 +1,4 @@
-"""The official SiT / DiT generators (spec 8.1, 8.4) in PyTorch, for parity tests and benchmarks.
+"""The official SiT / DiT generators (spec.md §8.1, 8.4) in PyTorch, for parity tests and benchmarks.
 
 Written from the spec and from reading the official module structure (Hhhhhhao/continuous_tokenizer
 `modelling/sit.py` / `modelling/dit.py`, themselves from willisma/SiT and facebookresearch/DiT):

@@ -17,7 +17,7 @@ commands behind them.)
 `--objective=pixel` (the default) times the pixel objective below against PyTorch: the config's
 perceptual / REPA / GAN weights are set to 0 whatever it says (the torch side implements
 reconstruction + entropy only). `--objective=full` times OUR step only, with the whole objective
-of spec 5 and then with each network term switched off in turn (see `run_objective`).
+of spec.md §5 and then with each network term switched off in turn (see `run_objective`).
 
 Prints ONE JSON line with images/s, step time, achieved GFLOP/s and MFU of
   jax:   `train.build_trainer(config, mesh).p_step` on a 1-device mesh — exactly the program
@@ -26,7 +26,7 @@ Prints ONE JSON line with images/s, step time, achieved GFLOP/s and MFU of
          of all parameters, metrics (incl. codebook statistics); the state is donated;
   torch: the same step in PyTorch eager on the official architecture (timm DINOv2 blocks,
          `benchmarks/torch_reference.py`): the same uint8 -> [-1, 1] scaling, the same objective
-         (`loss.reconstruction_weight` * MSE + `loss.entropy_weight` * the spec 1.3 step 7
+         (`loss.reconstruction_weight` * MSE + `loss.entropy_weight` * spec.md §1.3 step 7
          entropy loss), `clip_grad_norm_`, torch AdamW (fused CPU/CUDA kernel) with the same
          betas / eps / weight decay / decay grouping (no decay on 1-D parameters) and the same
          per-step learning rate, and an EMA of all parameters (`torch._foreach_lerp_`).

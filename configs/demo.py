@@ -16,7 +16,7 @@ Why it learns little beyond colour in minutes (pixel + entropy loss only, AdamW,
 EMA, eval PSNR of the first 64 eval crops; one run each on a loaded 2-core CPU, 2-3 s/step):
 * Not a bug in the model: float64 finite differences of the whole tokenizer's loss agree with
   autodiff for every parameter (to 2e-6 relative) except the codebook, whose logits path is
-  stop-gradient by design (spec 1.3).
+  stop-gradient by design (spec.md §1.3).
 * Not the soft quantizer: at initialisation it keeps each token's direction (cosine 0.97 between
   the l2-normalised token and z_q for 4096 codes, tau 0.07); bypassing it (decoder reads z
   directly) learned no faster (300 steps: 14.9 dB without, 17.0 dB with it).

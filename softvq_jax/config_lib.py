@@ -35,13 +35,13 @@ DEFAULT_SHARDING_RULES = (
 
 
 def model_config(variant: variants.Variant):
-  """Model section building exactly `variant` (spec sections 1-2; softvq_jax/variants.py)."""
+  """Model section building exactly `variant` (spec.md §1-2; softvq_jax/variants.py)."""
   return ml_collections.ConfigDict(dict(
       encoder_size=variant.encoder_size,
       decoder_size=variant.decoder_size,
       patch_size=16,
       num_latent_tokens=variant.num_latent_tokens,
-      # Soft codebook (spec 1.3): 4 codebooks x 8192; token dim e = 64 for 32 tokens, 32 for 64.
+      # Soft codebook (spec.md §1.3): 4 codebooks x 8192; token dim e = 64 for 32 tokens, 32 for 64.
       codebook_size=variants.CODEBOOK_SIZE,
       codebook_embed_dim=variant.codebook_embed_dim,
       num_codebooks=variants.NUM_CODEBOOKS,
@@ -93,7 +93,7 @@ def data_config():
 
 
 def optim_config():
-  """Optimizer, schedule, clipping and EMA (spec 5, as the released code actually runs)."""
+  """Optimizer, schedule, clipping and EMA (spec.md §5, as the released code actually runs)."""
   return ml_collections.ConfigDict(dict(
       # "adamw": decoupled weight decay on parameters with >= 2 dims (the reference's grouping:
       # no decay on biases, norms, LayerScale). "adam": plain Adam, weight_decay ignored — what the
@@ -105,7 +105,7 @@ def optim_config():
       b2=0.95,
       eps=1e-8,
       weight_decay=1e-4,
-      # timm cosine schedule, per step (spec 5): linear warm-up from an absolute warmup_init_lr,
+      # timm cosine schedule, per step (spec.md §5): linear warm-up from an absolute warmup_init_lr,
       # then min_lr + (lr - min_lr) * (1 + cos(pi * t / num_train_steps)) / 2 (cosine from step 0).
       warmup_steps=5005,       # one ImageNet epoch at batch 256
       warmup_init_lr=1e-5,
@@ -116,7 +116,7 @@ def optim_config():
 
 
 def loss_config():
-  """Weights of the generator objective (spec 5). Each term's weight is a schedule of the step."""
+  """Weights of the generator objective (spec.md §5). Each term's weight is a schedule of the step."""
   return ml_collections.ConfigDict(dict(
       reconstruction="l2",     # pixel loss: mean((x - x_hat)^2) ("l2") or mean(|x - x_hat|) ("l1")
       reconstruction_weight=1.0,
@@ -130,7 +130,7 @@ def loss_config():
       # REPA (config.pretrained.repa_teacher, config.repa): weight * -cos(teacher, projector(z_q)).
       repa_weight=0.1,
       # GAN (config.pretrained.dino, config.disc): generator term weight from disc_start on, and
-      # the discriminator loss weight w_d(t) (spec 5). 0 turns the discriminator off entirely.
+      # the discriminator loss weight w_d(t) (spec.md §5). 0 turns the discriminator off entirely.
       gan_weight=0.2,
       disc_start=20_000,
       disc_loss="hinge",       # hinge (released) | vanilla | non-saturating
@@ -149,7 +149,7 @@ def loss_config():
 
 
 def disc_config():
-  """The DINO discriminator (spec 5.1): frozen DINO ViT-S/16 at 224 px + 5 readout heads."""
+  """The DINO discriminator (spec.md §5.1): frozen DINO ViT-S/16 at 224 px + 5 readout heads."""
   return ml_collections.ConfigDict(dict(
       backbone_size="S",
       img_size=224,
@@ -160,7 +160,7 @@ def disc_config():
 
 
 def repa_config():
-  """REPA (spec 5): frozen DINOv2 teacher at patch 16 / the image size, projector MLP on z_q."""
+  """REPA (spec.md §5): frozen DINOv2 teacher at patch 16 / the image size, projector MLP on z_q."""
   return ml_collections.ConfigDict(dict(
       teacher_size="L",
       patch_size=16,
@@ -245,7 +245,7 @@ def base_config(variant: variants.Variant):
   config.frozen_sharding = "replicated"
   config.eval = eval_config()
   config.latents = latents_config()
-  # Training loop (softvq_jax/train.py). 50 epochs of ImageNet at batch 256 (spec 5).
+  # Training loop (softvq_jax/train.py). 50 epochs of ImageNet at batch 256 (spec.md §5).
   config.num_train_steps = 250_250
   config.log_every_steps = 100          # scalars to TensorBoard + stdout (window means)
   config.image_every_steps = 5000       # input | EMA reconstruction grid (PNG + TensorBoard)
@@ -393,7 +393,7 @@ NOISE_SCHEDULES = ("linear", "cosine")
 
 def generator_config(size: str = "XL", kind: str = "sit"):
   """A SiT ("sit": flow matching, t in [0, 1]) or DiT ("dit": Gaussian diffusion, learn_sigma)
-  network over the tokenizer's tokens (spec 8.1, 8.4; softvq_jax/models/sit.py).
+  network over the tokenizer's tokens (spec.md §8.1, 8.4; softvq_jax/models/sit.py).
 
   Used for a randomly initialised generator (`--mode=sample` without `--checkpoint`) and, from
   issue 19 on, for training one. A loaded checkpoint brings its own architecture.
@@ -420,7 +420,7 @@ def generator_config(size: str = "XL", kind: str = "sit"):
 def sample_config():
   """`--mode=sample` (softvq_jax/generate.py): the sampler and the images to write.
 
-  Defaults: the published gFID setting (spec 8.3: SDE, 250 steps, CFG 1.75 on t in [0, 0.7],
+  Defaults: the published gFID setting (spec.md §8.3: SDE, 250 steps, CFG 1.75 on t in [0, 0.7],
   cosine path) — the reference script's own defaults are SDE, 50 steps, CFG 1.5 on [0, 1], linear.
   """
   return ml_collections.ConfigDict(dict(

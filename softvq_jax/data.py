@@ -147,7 +147,7 @@ def decode_image(image: bytes | str | np.ndarray) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------
-# Transforms: the reference's ADM `random_crop_arr` / `center_crop_arr` (spec section 4).
+# Transforms: the reference's ADM `random_crop_arr` / `center_crop_arr` (spec.md §4).
 # ------------------------------------------------------------------------------------------------
 
 

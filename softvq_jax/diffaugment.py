@@ -1,4 +1,4 @@
-"""Differentiable augmentation (DiffAugment, Zhao et al. 2020) of discriminator inputs (spec 5).
+"""Differentiable augmentation (DiffAugment, Zhao et al. 2020) of discriminator inputs (spec.md §5).
 
 The reference augments both real and reconstructed images before the discriminator with the
 policy 'color,translation,cutout_0.2' applied with probability 0.5, and for the consistency

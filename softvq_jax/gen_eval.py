@@ -7,7 +7,7 @@
 (`--mode=eval` of a config with a `generator` section, `config_lib.is_generator_config`; a
 tokenizer config still evaluates reconstructions, softvq_jax/evaluate.py.)
 
-The protocol, pinned so numbers compare with the paper's (spec 8.3) and run to run:
+The protocol, pinned so numbers compare with the paper's (spec.md §8.3) and run to run:
 1. Samples: `sample.num_images` images (50k = 50 per class) drawn by `--mode=sample`'s sharded,
    resumable chunk writer (softvq_jax/generate.py) with the sampler of `config.sample`; uint8, as
    every saved image. A rerun finishes missing chunks and re-uses the others.

@@ -25,7 +25,7 @@ Why it is built this way:
   is ever needed, and a slow host cannot stall the others. Noise -> sampler -> denormalise
   (vq_std, vq_mean) -> tokenizer decode -> uint8 is one jitted program; only uint8 images leave
   the device.
-* uint8 = round(127.5 (clip(x, -1, 1) + 1)). The reference truncates 255 (x + 1) / 2 (spec 8.3);
+* uint8 = round(127.5 (clip(x, -1, 1) + 1)). The reference truncates 255 (x + 1) / 2 (spec.md §8.3);
   rounding is unbiased (truncation darkens every pixel by half a level on average).
 """
 from __future__ import annotations

@@ -43,7 +43,7 @@ from softvq_jax.convert import generator_official
 from softvq_jax.convert.safetensors_io import CheckpointError
 from softvq_jax.models import sit as sit_lib
 
-# The published DiT command samples with the cosine beta schedule (spec 8.4; the official README's
+# The published DiT command samples with the cosine beta schedule (spec.md §8.4; the official README's
 # `generate_dit.py --noise-schedule cosine`); the official script's own default is linear.
 DEFAULT_DIT_NOISE_SCHEDULE = "cosine"
 
@@ -58,7 +58,7 @@ def _per_sample_keys(seed: int, batch: int) -> jax.Array:
 def to_uint8(images) -> jax.Array:
   """Decoder output in [-1, 1] (unclamped) -> uint8 = round(127.5 (clip(x, -1, 1) + 1)).
 
-  The reference truncates 255 (x + 1) / 2 instead (spec 8.3); rounding is the unbiased choice
+  The reference truncates 255 (x + 1) / 2 instead (spec.md §8.3); rounding is the unbiased choice
   (truncation darkens every pixel by half a level on average), so uint8 values may differ from
   the reference's by one level.
   """
@@ -111,7 +111,7 @@ class Generator:
     `guidance_interval`. DiT: `steps` respaced DDPM steps of the 1000-step diffusion with
     `noise_schedule` (default cosine, the published command), CFG on the epsilon channels; mode,
     heun and path do not apply (mode="ode" or heun=True is refused).
-    Published SiT setting (spec 8.3): mode="sde", steps=250, cfg_scale=1.75,
+    Published SiT setting (spec.md §8.3): mode="sde", steps=250, cfg_scale=1.75,
     guidance_interval=(0, 0.7), path="cosine".
     """
     labels = np.asarray(labels)

@@ -1,4 +1,4 @@
-"""The generator's training objective (spec 8.2, 8.4): pure, jittable loss functions for SiT / DiT.
+"""The generator's training objective (spec.md §8.2, 8.4): pure, jittable loss functions for SiT / DiT.
 
 What the trainer calls (one function for both data paths and both generator kinds)::
 
@@ -71,8 +71,8 @@ class GeneratorObjective:
   """Static description of the loss (hashable: it is closed over by the jitted step).
 
   kind: "sit" (flow matching) or "dit" (Gaussian diffusion). path / time_sampling: SiT's
-  interpolant and time distribution (spec 8.2). noise_schedule / diffusion_steps / learn_sigma:
-  DiT's diffusion (spec 8.4; the published DiT command uses the cosine beta schedule).
+  interpolant and time distribution (spec.md §8.2). noise_schedule / diffusion_steps / learn_sigma:
+  DiT's diffusion (spec.md §8.4; the published DiT command uses the cosine beta schedule).
   num_time_buckets: how many equal bins of t in [0, 1] (DiT: timestep / T) the loss is logged in.
   """
   kind: str = "sit"
@@ -189,7 +189,7 @@ def mean_flat(x: Array) -> Array:
 
 def flow_matching_losses(model_fn, latents: Array, labels: Array, draw: TrainingDraw,
                          path: str) -> Array:
-  """[B] per-example v-prediction loss mean((model(x_t, t, y) - v)^2) (spec 8.2).
+  """[B] per-example v-prediction loss mean((model(x_t, t, y) - v)^2) (spec.md §8.2).
 
   model_fn(x_t, t, y) -> the velocity (x's shape; a learn_sigma network's first half of the
   channels).

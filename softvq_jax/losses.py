@@ -1,4 +1,4 @@
-"""The formulas of the loss terms (spec 5): pure functions of arrays, float32 whatever the
+"""The formulas of the loss terms (spec.md §5): pure functions of arrays, float32 whatever the
 compute dtype.
 
 Which terms make the objective, with which weight at which step, and the discriminator's update
@@ -23,7 +23,7 @@ def reconstruction_loss(images: Array, reconstruction: Array, kind: str = "l2") 
 
 
 # --------------------------------------------------------------------------------------------
-# GAN terms (spec 5). Logits are the discriminator's [B, 980] outputs; every loss takes the mean
+# GAN terms (spec.md §5). Logits are the discriminator's [B, 980] outputs; every loss takes the mean
 # over all of them, in float32.
 # --------------------------------------------------------------------------------------------
 

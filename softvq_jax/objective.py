@@ -1,4 +1,4 @@
-"""The training objective of spec 5, in one file: its networks, its state, the generator loss and
+"""The training objective of spec.md §5, in one file: its networks, its state, the generator loss and
 the discriminator update.
 
 Generator terms (each switched off by a zero weight, which also skips loading its network):
@@ -168,7 +168,7 @@ def abstract_frozen(obj: Objective) -> dict[str, Any] | None:
 
 
 def generator_weights(loss_config, step: Array, terms=None) -> dict[str, Array]:
-  """Weight of every generator term at `step` (1-based, as the reference counts), spec 5:
+  """Weight of every generator term at `step` (1-based, as the reference counts), spec.md §5:
 
     reconstruction  loss.reconstruction_weight                       (1.0)
     entropy         loss.entropy_weight                              (0.01)
@@ -315,7 +315,7 @@ def _discriminate(obj: Objective, frozen, disc_params, disc_state, images: Array
 def _discriminator_objective(obj: Objective, frozen, disc_params, disc_state, lecam,
                              images: Array, reconstruction: Array, key: Array, weight: Array,
                              active: Array):
-  """L_D of spec 5 on (x, detached x_hat). Returns (loss, (disc_state, lecam, metrics))."""
+  """L_D of spec.md §5 on (x, detached x_hat). Returns (loss, (disc_state, lecam, metrics))."""
   lc = obj.loss_config
   k_real, k_fake, k_real_s, k_fake_s = jax.random.split(key, 4)
   fake = jax.lax.stop_gradient(reconstruction)
@@ -345,7 +345,7 @@ def _discriminator_objective(obj: Objective, frozen, disc_params, disc_state, le
 def discriminator_update(obj: Objective, disc_tx: optax.GradientTransformation, state, frozen,
                          disc_state, images: Array, reconstruction: Array, step: Array,
                          key: Array) -> tuple[dict[str, Any], dict[str, Array]]:
-  """One discriminator step (spec 5) on the detached reconstruction.
+  """One discriminator step (spec.md §5) on the detached reconstruction.
 
   state: the TrainState after the generator's update (its disc_params, disc_opt_state, lecam);
   disc_state: the discriminator statistics after the generator's forward pass. Returns the new

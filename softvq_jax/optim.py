@@ -2,7 +2,7 @@
 
 Why a hand-written schedule: the reference uses timm's `create_scheduler_v2(sched="cosine")`
 stepped per update, whose cosine is measured from step 0 (not from the end of the warm-up) and
-whose warm-up starts at an absolute 1e-5 (spec 5). optax's `warmup_cosine_decay_schedule` does
+whose warm-up starts at an absolute 1e-5 (spec.md §5). optax's `warmup_cosine_decay_schedule` does
 neither, so matching it needs these few lines. `schedule(t)` is the learning rate of the update
 made after `t` completed steps — the value timm's scheduler holds when step t+1 runs.
 """
@@ -21,7 +21,7 @@ def peak_lr(optim_config, batch_size: int) -> float:
 
 def learning_rate_schedule(*, lr: float, total_steps: int, warmup_steps: int,
                            warmup_init_lr: float = 1e-5, min_lr_ratio: float = 0.1):
-  """timm cosine with warm-up, per step (spec 5). Returns t -> lr(t), jit-able."""
+  """timm cosine with warm-up, per step (spec.md §5). Returns t -> lr(t), jit-able."""
   min_lr = lr * min_lr_ratio
 
   def schedule(t):

@@ -1,10 +1,10 @@
-"""Samplers of the token generators (spec 8.3, 8.4): pure, jittable functions over a model function.
+"""Samplers of the token generators (spec.md §8.3, 8.4): pure, jittable functions over a model function.
 
 Everything here works on a `model_fn(x, t, y) -> out` and plain arrays, so it composes with any
 network (our SiT/DiT, a test's analytic velocity field) and with `jax.jit` + shardings chosen by the
 caller (`Generator.sample`, `softvq_jax/generate.py`). No state is held between calls.
 
-* **Flow-matching paths** (spec 8.2) — `path_coefficients`, `interpolant`, `sample_train_time`:
+* **Flow-matching paths** (spec.md §8.2) — `path_coefficients`, `interpolant`, `sample_train_time`:
   x_t = alpha_t x + sigma_t eps with t = 1 pure noise; the velocity target
   v = alpha'_t x + sigma'_t eps. These are the single definition of the paths: the generator's
   training objective (issue 19) uses them, and the samplers below derive their score from them.
@@ -64,7 +64,7 @@ ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 # ------------------------------------------------------------------------------------------------
-# Flow-matching paths (spec 8.2). Shared with the generator's training objective.
+# Flow-matching paths (spec.md §8.2). Shared with the generator's training objective.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -97,13 +97,13 @@ def _expand_like(t, x):
 
 def interpolant(x, noise, t, path: str = "linear"):
   """(x_t, v_target) for training: x [B, ...] data (normalised latents), noise ~ N(0, I) like x,
-  t [B] in [0, 1]. x_t = alpha_t x + sigma_t noise; v = alpha'_t x + sigma'_t noise (spec 8.2)."""
+  t [B] in [0, 1]. x_t = alpha_t x + sigma_t noise; v = alpha'_t x + sigma'_t noise (spec.md §8.2)."""
   a, s, da, ds = path_coefficients(_expand_like(t, x), path)
   return a * x + s * noise, da * x + ds * noise
 
 
 def sample_train_time(key, shape, *, kind: str = "uniform", path: str = "linear"):
-  """Training times t in [0, 1] (spec 8.2). "uniform": U(0, 1). "lognormal" (the published
+  """Training times t in [0, 1] (spec.md §8.2). "uniform": U(0, 1). "lognormal" (the published
   command): n ~ N(0, 1), s = e^n, t = s / (1 + s) on the linear path, (2 / pi) atan(s) on the
   cosine path."""
   _check_path(path)
@@ -291,7 +291,7 @@ def _f32(a) -> jax.Array:
 
 def sample_ode(model_fn: ModelFn, labels, noise, *, steps: int, heun: bool = False,
                cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0)):
-  """Euler (optionally Heun) ODE from t = 1 (noise [B, ...]) to t = 0; spec 8.3.
+  """Euler (optionally Heun) ODE from t = 1 (noise [B, ...]) to t = 0; spec.md §8.3.
 
   On linspace(1, 0, steps + 1): x += (t_next - t) d with d the (guided) velocity at (x, t). Heun
   (except on the last step): d' at (x + dt d, t_next), x += dt (d + d') / 2. As in the reference,
@@ -328,7 +328,7 @@ def sample_ode(model_fn: ModelFn, labels, noise, *, steps: int, heun: bool = Fal
 
 def sample_sde(model_fn: ModelFn, labels, noise, key, *, steps: int, cfg_scale: float = 1.0,
                guidance_interval=(0.0, 1.0), path: str = "linear"):
-  """Euler-Maruyama from t = 1 to 0 on linspace(1, 0.04, steps) then 0; spec 8.3.
+  """Euler-Maruyama from t = 1 to 0 on linspace(1, 0.04, steps) then 0; spec.md §8.3.
 
   Interval i: g = 2 t_i, score s = c_v v + c_x x (score_coefficients), drift d = v - g s / 2 with
   v the guided velocity, x += d dt + sqrt(g) sqrt(|dt|) eps_i; the last interval (0.04 -> 0) is
@@ -394,7 +394,7 @@ def sample_flow(model_fn: ModelFn, labels, noise, key=None, *, mode: str = "sde"
 
 
 # ------------------------------------------------------------------------------------------------
-# Gaussian diffusion (DiT, spec 8.4).
+# Gaussian diffusion (DiT, spec.md §8.4).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -537,7 +537,7 @@ def sample_ddpm(model_fn: ModelFn, labels, noise, key, *, steps: int = 250,
                 cfg_scale: float = 1.0, noise_schedule: str = "linear",
                 diffusion_steps: int = 1000, learn_sigma: bool = True,
                 guidance_interval=(0.0, 1.0)):
-  """Ancestral DDPM sampling of a DiT (spec 8.4): the entry point `Generator.sample` calls for DiT.
+  """Ancestral DDPM sampling of a DiT (spec.md §8.4): the entry point `Generator.sample` calls for DiT.
 
   model_fn(x, t, y) -> [B, ..., 2C] (learn_sigma) or [B, ..., C]; t int32 original timesteps
   0..T-1. From x_K = noise, for respaced k = K-1 .. 0: model at timestep timesteps[k], CFG on the

@@ -14,7 +14,7 @@ its horizontal flips, to `<out>/p<process>/chunk_<i>.npz` ({"tokens", "tokens_fl
   state = it.get_state(); it.set_state(state)   # exact resume (one integer)
 
 Why the choice between a token and its flip is a pure function of (seed, epoch, record): the
-reference picks one of the two at random at every access (spec 8: "pre-extracted z_q and z_q of
+reference picks one of the two at random at every access (spec.md §8: "pre-extracted z_q and z_q of
 the flipped image, picking one at random"); taking it from a hash of (seed, epoch, record)
 (`coin_flips`) keeps that augmentation (a record is flipped in some epochs and not in others) while the
 whole stream stays a function of the pipeline position, so a resumed run reads exactly the batches

@@ -179,7 +179,7 @@ def build_trainer(config, mesh: Mesh) -> Trainer:
   tx, schedule = optim.build_optimizer(config.optim, batch_size=config.batch_size,
                                        total_steps=int(config.num_train_steps))
   obj = objective_lib.build_objective(config)
-  # The discriminator: the generator's optimizer settings and schedule (spec 5), its own state.
+  # The discriminator: the generator's optimizer settings and schedule (spec.md §5), its own state.
   disc_tx = (optim.build_optimizer(config.optim, batch_size=config.batch_size,
                                    total_steps=int(config.num_train_steps))[0]
              if obj.gan else None)

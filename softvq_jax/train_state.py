@@ -51,7 +51,7 @@ def init_train_state(cfg: TokenizerConfig, tx: optax.GradientTransformation, see
   """A fresh state (jit-able; call under `jax.jit(..., out_shardings=...)` to create it sharded).
 
   Parameters are drawn from `seed` exactly as `models.tokenizer.build_tokenizer(cfg, seed)`; the
-  EMA starts equal to them (spec 5). With an `objective` (softvq_jax/objective.py) the REPA
+  EMA starts equal to them (spec.md §5). With an `objective` (softvq_jax/objective.py) the REPA
   projector, the discriminator heads/state and the LeCam EMAs are created too.
   """
   _, params = split_model(SoftVQTokenizer(cfg, rngs=nnx.Rngs(seed)))

@@ -1,7 +1,7 @@
 """The SoftVQ variants: one table that the configs, the README's model table and the tests read.
 
 The released hub checkpoints (`SoftVQVAE/<hub_name>`) are not what their names suggest (their
-`config.json` files and `model.safetensors` sizes are the authority, reference spec section 2):
+`config.json` files and `model.safetensors` sizes are the authority, spec.md §2):
 - every 32-token model has token dim e = 64, every 64-token model e = 32;
 - both "L-32" models (256 and 512 px) are a **B encoder with an L decoder** — architecturally
   the same network as BL-32; only L-64 is L/L.
@@ -50,7 +50,7 @@ class Variant:
     return f"{self.encoder_size}/{self.decoder_size}"
 
 
-# Shared by all of them (spec 2): 4 codebooks x 8192 codes, tau 0.07, l2-normalised, patch 16.
+# Shared by all of them (spec.md §2): 4 codebooks x 8192 codes, tau 0.07, l2-normalised, patch 16.
 NUM_CODEBOOKS = 4
 CODEBOOK_SIZE = 8192
 

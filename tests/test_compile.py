@@ -1,6 +1,6 @@
 """--mode=compile (softvq_jax/compile_plan.py): ahead-of-time memory / FLOPs plans of the step.
 
-On 8 fake CPU devices (tiny config with the full objective of spec 5: LPIPS-VGG, the DINO-style
+On 8 fake CPU devices (tiny config with the full objective of spec.md §5: LPIPS-VGG, the DINO-style
 discriminator with consistency regularisation, REPA; 64 px, 8 images per device so activations
 dominate):
 - the CLI writes compile_<target>.json and exits non-zero with advice when the step does not fit;
@@ -218,7 +218,7 @@ def test_tpu_topology_compile():
 
 def test_released_l32_is_planned_as_the_released_b_encoder_l_decoder():
   """`--mode=compile --config=configs/sq32_256.py:L --target=v5e-8` plans SoftVQ-L-32 as
-  released (spec 2): a B encoder, an L decoder, 32 tokens of dim e = 64 (analytic method here:
+  released (spec.md §2): a B encoder, an L decoder, 32 tokens of dim e = 64 (analytic method here:
   the cpu-aot fallback of a v5e-8 target without libtpu compiles the full step for minutes)."""
   report = compile_plan.plan(config_file("sq32_256", "L"), "v5e-8", method="analytic")
   m = report["model"]

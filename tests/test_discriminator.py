@@ -1,4 +1,4 @@
-"""models/discriminator.py against a PyTorch construction of spec 5.1 with the same weights.
+"""models/discriminator.py against a PyTorch construction of spec.md §5.1 with the same weights.
 
 The torch side is built here from the spec: timm `vit_small_patch16_224` with tanh GELU (random
 weights), the key part of the qkv bias zeroed, readouts after pos_embed and blocks 2/5/8/11 with

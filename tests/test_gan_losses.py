@@ -1,4 +1,4 @@
-"""GAN loss terms of losses.py against direct NumPy evaluations of spec 5, and diffaugment.py
+"""GAN loss terms of losses.py against direct NumPy evaluations of spec.md §5, and diffaugment.py
 against a NumPy port of Zhao et al. 2020's DiffAugment functions (written from their formulas)."""
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,5 @@
 """Smoke tests of the generation throughput benchmarks at toy sizes (the BENCHMARKS.md commands keep
-working and their records mean what the table says): benchmarks/generation.py (spec 8.5: SiT on
+working and their records mean what the table says): benchmarks/generation.py (spec.md §8.5: SiT on
 1-D tokens vs SiT/2 on SD-VAE latents, generator only and end to end) and
 benchmarks/generator_train_step.py (SiT train step, ours vs PyTorch, first-step parity)."""
 from __future__ import annotations

@@ -5,7 +5,7 @@ transcriptions of the reference formulas, written from reading willisma/SiT `tra
 `_vb_terms_bpd`, `diffusion_utils.normal_kl` / `discretized_gaussian_log_likelihood`).
 
 Convention note: willisma/SiT's paths run from noise at t = 0 to data at t = 1 (x_t = alpha_t x1 +
-sigma_t x0 with alpha = t (linear) or sin(pi t / 2) (GVP)); spec 8.2 (SoftVQ's) runs the other way,
+sigma_t x0 with alpha = t (linear) or sin(pi t / 2) (GVP)); spec.md §8.2 (SoftVQ's) runs the other way,
 t = 1 pure noise. The transcription below is in the SiT convention, and the spec's quantities at
 time tau are SiT's at 1 - tau with the velocity's sign flipped (d/dtau = -d/dt) — so the test also
 checks that the time reversal is right.
@@ -316,7 +316,7 @@ def test_sit_loss_fn_equals_the_reference_with_label_dropout_once(path, time_sam
   loss, metrics = loss_fn(params, {"fixed": fixed}, batch, key)
 
   draw = go.draw_training_inputs(obj, key, batch["latents"].shape)
-  # Label dropout, the network's rule (spec 8.1): each label -> 1000 with probability 0.1.
+  # Label dropout, the network's rule (spec.md §8.1): each label -> 1000 with probability 0.1.
   drop = np.asarray(jax.random.uniform(draw.dropout_key, (16,)) < 0.1)
   assert drop.any() and not drop.all()  # this key drops some labels: the check below bites
   y = np.where(drop, 1000, batch["label"])

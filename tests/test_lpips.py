@@ -107,7 +107,7 @@ def test_matches_lpips_on_random_pairs_and_gradient(torch_lpips, ours):
 
 
 def test_train_mode_dropout_matches_lpips_with_the_same_masks(torch_lpips, ours):
-  """The official loss runs LPIPS in train mode: Dropout(0.5) before each head (spec 5). Our masks,
+  """The official loss runs LPIPS in train mode: Dropout(0.5) before each head (spec.md §5). Our masks,
   fed to the lpips package in place of its own dropout (a pre-hook on each head's conv), give the
   same distance: the dropout acts where lpips' does, on the per-position squared differences."""
   torch = require("torch")

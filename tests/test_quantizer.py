@@ -1,4 +1,4 @@
-"""SoftVQ quantizer against an independent NumPy implementation of spec 1.3 (values and gradients)."""
+"""SoftVQ quantizer against an independent NumPy implementation of spec.md §1.3 (values and gradients)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""models/repa.py against PyTorch: projector, DINOv2 teacher features and the REPA loss (spec 5)."""
+"""models/repa.py against PyTorch: projector, DINOv2 teacher features and the REPA loss (spec.md §5)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,6 @@
 """softvq_jax/sampling.py against an independent float64 NumPy transcription of the reference.
 
-The `_ref_*` functions below are written from spec 8.3 / 8.4 and from reading the reference's
+The `_ref_*` functions below are written from spec.md §8.3 / 8.4 and from reading the reference's
 samplers (SoftVQ's modelling/samplers.py, which follows REPA) and DiT's diffusion package, loop for
 loop as the reference runs them (float64, doubled batches concatenated and split, CFG on the
 drift, the Heun corrector guided by the step's t): they share no code with the module under test.
@@ -261,7 +261,7 @@ def test_score_and_drift_match_reference(path):
   got = sampling.score_from_velocity(jnp.asarray(v, jnp.float32), jnp.asarray(x, jnp.float32),
                                      jnp.asarray(t, jnp.float32), path)
   np.testing.assert_allclose(got, ref_score, rtol=1e-5, atol=1e-5)
-  # spec 8.3's closed forms: linear a = -(1 - t), var = t; cosine a = -(2/pi) cot(pi t / 2), var = 1
+  # spec.md §8.3's closed forms: linear a = -(1 - t), var = t; cosine a = -(2/pi) cot(pi t / 2), var = 1
   tb = t[:, None, None]
   if path == "linear":
     closed = (-(1 - tb) * v - x) / tb

@@ -1,4 +1,4 @@
-"""The tokenizer against a PyTorch construction of spec 1.2-1.4 from timm blocks, the official
+"""The tokenizer against a PyTorch construction of spec.md §1.2-1.4 from timm blocks, the official
 checkpoint format (keys, shapes, errors; the released files' older format), and the public
 encode/decode API. Parameter counts of every released variant: tests/test_variants.py."""
 import json
@@ -41,7 +41,7 @@ SMALL, BASE = "vit_small_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2.lvd14
 
 def _torch_softvq(img_size=64, n=8, codebooks=2, k=64, e=8, seed=0, enc_model=SMALL,
                   dec_model=SMALL):
-  """Independent PyTorch model with the official module/key structure (spec 1.2-1.4, 3)."""
+  """Independent PyTorch model with the official module/key structure (spec.md §1.2-1.4, 3)."""
   torch = require("torch")
   timm = require("timm")
   nn = torch.nn
@@ -181,7 +181,7 @@ def test_export_roundtrip_loads_in_pytorch(tmp_path):
       compute_dtype=official.config_from_official(exported_cfg).compute_dtype)
 
 
-# The released files were written by the Dec-2024 revision of the official code (spec 3): their
+# The released files were written by the Dec-2024 revision of the official code (spec.md §3): their
 # config.json lacks these fields of the current ModelArgs and has `repa_layer_indices` instead.
 DEC2024_MISSING = ("base_image_size", "to_pixel", "dec_cls_token", "use_ape", "use_rope",
                    "rope_mixed", "rope_theta", "enc_token_drop", "enc_token_drop_max")

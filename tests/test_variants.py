@@ -1,4 +1,4 @@
-"""Every released SoftVQ model reproducible by name (reference spec section 2).
+"""Every released SoftVQ model reproducible by name (spec.md §2).
 
 The expected values below are copied from the spec (the hub config.json files are its authority),
 not from softvq_jax/variants.py: that table, the configs built from it and the README's model
@@ -16,7 +16,7 @@ from softvq_jax.models.tokenizer import TokenizerConfig, abstract_tokenizer, cou
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
-# spec 2: hub name -> (encoder, decoder, N, e, S, parameters as released, vq_mean, vq_std)
+# spec.md §2: hub name -> (encoder, decoder, N, e, S, parameters as released, vq_mean, vq_std)
 SPEC = {
     "b-32": ("B", "B", 32, 64, 256, 173_997_120, None, None),
     "b-64": ("B", "B", 64, 32, 256, 172_973_088, -0.003192751, 0.07235257),
@@ -55,7 +55,7 @@ def test_variant_table_is_the_spec():
 
 def _official_shapes(enc: str, dec: str, n: int, e: int, s: int) -> dict:
   """The official model's state dict, key -> shape, built as the official code builds it (timm
-  DINOv2 ViTs at patch 16 and the image size; spec 1.2-1.4) on torch's meta device (no memory),
+  DINOv2 ViTs at patch 16 and the image size; spec.md §1.2-1.4) on torch's meta device (no memory),
   minus the decoder's unused patch_embed that the released files lack."""
   torch = require("torch")
   timm = require("timm")
@@ -80,7 +80,7 @@ def _official_shapes(enc: str, dec: str, n: int, e: int, s: int) -> dict:
 
 @pytest.mark.parametrize("name", list(SPEC))
 def test_config_builds_the_released_network(name):
-  """config -> model: the parameter count of spec 2, and exactly the released state dict's keys
+  """config -> model: the parameter count of spec.md §2, and exactly the released state dict's keys
   and shapes (every key of the official structure, nothing else)."""
   enc, dec, n, e, s, params, mean, std = SPEC[name]
   config = _config(CONFIG_OF[name])

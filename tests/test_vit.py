@@ -1,4 +1,4 @@
-"""models/vit.py against timm with random weights (spec 1.1), and the weight-resampling helpers."""
+"""models/vit.py against timm with random weights (spec.md §1.1), and the weight-resampling helpers."""
 import jax
 import jax.numpy as jnp
 import numpy as np

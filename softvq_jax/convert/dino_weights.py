@@ -1,4 +1,4 @@
-"""Load the public DINO ViT-S/16 weights into the discriminator's frozen backbone (spec 5.1).
+"""Load the public DINO ViT-S/16 weights into the discriminator's frozen backbone (spec.md §5.1).
 
 The checkpoint `dino_deitsmall16_pretrain.pth` (facebookresearch/dino) is a plain state dict with
 timm `vit_small_patch16_224` key names, so this is `timm_vit.load_timm_vit` plus what the

@@ -1,7 +1,7 @@
 """Import/export of the released SiT / DiT generators: `config.json` + `model.safetensors`.
 
 The hub repos (`SoftVQVAE/sit-xl_softvq-b-64`, `SoftVQVAE/dit-xl_softvq-l-64`, ...) are written by
-huggingface_hub's PyTorchModelHubMixin from the official `SiT` / `DiT` constructors (spec 8.1,
+huggingface_hub's PyTorchModelHubMixin from the official `SiT` / `DiT` constructors (spec.md §8.1,
 8.4): a flat JSON of the constructor's arguments (defaults included) and the state dict. Same rules
 as the tokenizer importer (convert/official.py, whose file names, safetensors IO and strict
 state-dict matching this module reuses): every architecture field is read from config.json, a

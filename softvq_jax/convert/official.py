@@ -1,7 +1,7 @@
 """Import/export of the official SoftVQ hub format: `config.json` + `model.safetensors`.
 
 The official repos (`SoftVQVAE/<name>`) are written by huggingface_hub's PyTorchModelHubMixin: a
-flat JSON of the PyTorch `ModelArgs` and the state dict (reference spec section 3). We read the
+flat JSON of the PyTorch `ModelArgs` and the state dict (spec.md §3). We read the
 architecture from the JSON — never assume codebook sizes or latent statistics — refuse any
 option our model does not implement, and load the weights strictly. Export writes the same
 format, so a model trained here loads in the official PyTorch code (and back here).
@@ -21,7 +21,7 @@ from softvq_jax.models.tokenizer import SoftVQTokenizer, TokenizerConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-# Present in official checkpoints, not needed to encode/decode (spec 3).
+# Present in official checkpoints, not needed to encode/decode (spec.md §3).
 IGNORED_KEYS = (
     r"decoder\.model\.patch_embed\..*",  # owned by the decoder, never used by its forward pass
     r"quantize\.codebook_used",          # usage buffer (codebook_show_usage)

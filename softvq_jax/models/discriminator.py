@@ -1,4 +1,4 @@
-"""DINO-ViT discriminator of the GAN loss (reference spec 5.1, the `dino` discriminator from VAR).
+"""DINO-ViT discriminator of the GAN loss (spec.md §5.1, the `dino` discriminator from VAR).
 
 A frozen DINO ViT-S/16 at 224 px reads the image; five small trainable 1-D convolutional heads
 read its tokens after the position embedding and after blocks 2, 5, 8 and 11 (each readout is the
@@ -139,7 +139,7 @@ def crop_or_resize_choice(key: Array, height: int, width: int, size: int = 224):
 
 
 def to_backbone_input(images: Array, key: Array | None, size: int = 224) -> Array:
-  """[B, H, W, 3] in [-1, 1] -> [B, size, size, 3] float32, ImageNet-normalised (spec 5.1).
+  """[B, H, W, 3] in [-1, 1] -> [B, size, size, 3] float32, ImageNet-normalised (spec.md §5.1).
 
   Both sides > size: with probability 0.5 a random size x size crop, else an area resize (one
   choice and one crop position per call for the whole batch, from `key`). Otherwise (a side

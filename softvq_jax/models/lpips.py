@@ -1,6 +1,6 @@
 """LPIPS-VGG perceptual distance, numerically `lpips.LPIPS(net="vgg", version="0.1")`.
 
-SoftVQ's perceptual loss (reference spec 5) and the LPIPS evaluation metric are this network:
+SoftVQ's perceptual loss (spec.md §5) and the LPIPS evaluation metric are this network:
   1. ScalingLayer: (x - shift) / scale per RGB channel (x in [-1, 1]);
   2. torchvision VGG16 `features` up to relu5_3, read out after relu1_2, relu2_2, relu3_3, relu4_3
      and relu5_3 (3x3 convolutions, padding 1, ReLU; 2x2 / stride 2 max-pool in floor mode);
@@ -10,7 +10,7 @@ SoftVQ's perceptual loss (reference spec 5) and the LPIPS evaluation metric are 
   4. sum the five layer values: one distance per image.
 
 Dropout: lpips' NetLinLayer puts a Dropout(p=0.5) before each head. The official SoftVQ training
-runs LPIPS in train mode, so in its loss that dropout is active (reference spec 5): each element of
+runs LPIPS in train mode, so in its loss that dropout is active (spec.md §5): each element of
 the per-position squared difference [B, h, w, C] is zeroed with probability p and the survivors
 scaled by 1 / (1 - p) before the head — same expected value, more noise. `dropout_rate` with a
 `dropout_key` reproduces it for the training loss; evaluation metrics call without a key (off).

@@ -1,11 +1,11 @@
-"""SoftVQ: the soft vector quantizer (reference spec 1.3).
+"""SoftVQ: the soft vector quantizer (spec.md §1.3).
 
 A token is not snapped to one codeword: it becomes the softmax(similarity / tau)-weighted sum of
 all codewords of its codebook, so the whole map is differentiable and the "quantised" tokens are
 continuous. Everything here runs in float32 whatever the model's compute dtype, because the
 temperature (0.07) and the entropy term's 1/0.01 sharpen logits enough for bfloat16 to matter.
 
-Gradient paths (spec 1.3 / 6): the logits see a stop-gradient codebook, the weighted sum does not,
+Gradient paths (spec.md §1.3 / 6): the logits see a stop-gradient codebook, the weighted sum does not,
 so the codebook learns only through the decoder's use of z_q and z learns through both. There is no
 straight-through estimator, commitment loss or codebook loss.
 """
@@ -21,13 +21,13 @@ from softvq_jax.models.vit import l2_normalize, make_param
 
 Array = jax.Array
 
-# Constants of the reference entropy loss (spec 1.3 step 7).
+# Constants of the reference entropy loss (spec.md §1.3 step 7).
 ENTROPY_TEMPERATURE = 0.01
 ENTROPY_EPS = 1e-6
 
 
 def entropy_loss(logits: Array) -> Array:
-  """H_sample - H_avg over rows of [R, K] un-tempered logits (spec 1.3 step 7), unweighted.
+  """H_sample - H_avg over rows of [R, K] un-tempered logits (spec.md §1.3 step 7), unweighted.
 
   Low per-token entropy (confident assignments) and high entropy of the average assignment
   (all codes used) both lower it.

@@ -1,4 +1,4 @@
-"""REPA representation alignment (reference spec 5, REPA bullet): teacher, projector, loss.
+"""REPA representation alignment (spec.md §5, REPA bullet): teacher, projector, loss.
 
 The reference (official `VQModel.encode` with `repa_align='repeat'`) aligns the soft tokens with
 a frozen DINOv2 teacher:
@@ -52,7 +52,7 @@ class REPAProjector(nnx.Module):
 
   [B, N, e] -> [B, N, out_dim] in the input's dtype (parameters float32). Layer attributes are
   `0`, `2`, `4` (the official `projection.0/2/4` keys; 1 and 3 are the parameter-free SiLUs).
-  Defaults follow the published SoftVQ-L recipe (spec 5); the official `ModelArgs` default for
+  Defaults follow the published SoftVQ-L recipe (spec.md §5); the official `ModelArgs` default for
   the hidden width (`repa_proj_dim`) is 2048, so when importing a projector take the widths from
   the checkpoint's shapes.
   """

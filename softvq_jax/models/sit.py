@@ -1,4 +1,4 @@
-"""SiT and DiT (adaLN-Zero diffusion transformers) on SoftVQ tokens or 2-D latents (spec 8.1, 8.4).
+"""SiT and DiT (adaLN-Zero diffusion transformers) on SoftVQ tokens or 2-D latents (spec.md §8.1, 8.4).
 
 Two input forms, one network:
   1-D (`vae_1d=True`, what the SoftVQ generators use): x [B, N, e] latent tokens; every token is one
@@ -35,7 +35,7 @@ converter (softvq_jax/convert/generator_official.py) is a rename plus transpose.
 an `nnx.Variable` of type `FixedPosEmbed`, not an `nnx.Param`: it is stored (the checkpoints carry
 it, and imported files' values are used as they are) but never trained.
 
-Initialisation (spec 8.1): xavier-uniform Linear weights (the 2-D patch kernel viewed as
+Initialisation (spec.md §8.1): xavier-uniform Linear weights (the 2-D patch kernel viewed as
 [D, C p p]), zero biases, label table and timestep MLP weights N(0, 0.02), every adaLN modulation
 Linear and the final Linear zero.
 """
@@ -54,7 +54,7 @@ from softvq_jax.models.vit import (Attention, Dense, Mlp, make_param, normal_02,
 
 Array = jax.Array
 
-# width, depth, heads (spec 8.1). MLP ratio 4. "micro" is not a published size: fast tests.
+# width, depth, heads (spec.md §8.1). MLP ratio 4. "micro" is not a published size: fast tests.
 SIT_SIZES = {
     "micro": (64, 2, 4),
     "S": (384, 12, 6),
@@ -158,7 +158,7 @@ class FixedPosEmbed(nnx.Variable):
 
 def sincos_1d_interleaved(length: int, dim: int) -> np.ndarray:
   """[length, dim] float32: even channel 2i = sin(n w_i), odd 2i+1 = cos(n w_i),
-  w_i = exp(-2i ln(10000) / dim) (spec 8.1; the official `positionalencoding1d`, computed as
+  w_i = exp(-2i ln(10000) / dim) (spec.md §8.1; the official `positionalencoding1d`, computed as
   it does in float32)."""
   pos = np.arange(length, dtype=np.float32)[:, None]
   omega = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim))
@@ -300,7 +300,7 @@ class SiTBlock(nnx.Module):
 
   x += gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
   x += gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
-  with LN without affine (eps 1e-6), qkv with bias, no qk-norm, tanh-GELU MLP (spec 8.1).
+  with LN without affine (eps 1e-6), qkv with bias, no qk-norm, tanh-GELU MLP (spec.md §8.1).
   """
 
   def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,

@@ -1,4 +1,4 @@
-"""The SoftVQ-VAE tokenizer: image -> N continuous 1-D tokens -> image (reference spec 1.2-1.4).
+"""The SoftVQ-VAE tokenizer: image -> N continuous 1-D tokens -> image (spec.md §1.2-1.4).
 
     images [B, S, S, 3] --encoder ViT (+ N learnable latent tokens)--> [B, N, De]
       --quant_conv--> z [B, N, e] --SoftVQ--> z_q [B, N, e]          (the tokens)

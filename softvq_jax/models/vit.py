@@ -6,7 +6,7 @@ keeps timm's parameter names (`patch_embed`, `cls_token`, `pos_embed`, `blocks[i
 `attn.qkv`, `ls1.gamma`, `mlp.fc1`, ...). That keeps the weight converters a key rename plus a
 transpose (see `softvq_jax/convert/`).
 
-Numerics (reference spec 1.1): pre-norm blocks, LayerNorm eps 1e-6 computed in float32, exact
+Numerics (spec.md §1.1): pre-norm blocks, LayerNorm eps 1e-6 computed in float32, exact
 (erf) GELU unless `gelu_approximate` (the DINO discriminator uses tanh), attention scale
 head_dim^-0.5, optional LayerScale. Parameters are float32; matmuls run in the input's dtype
 (the compute dtype), so bfloat16 activations give bfloat16 matmuls with float32 master weights.
@@ -25,7 +25,7 @@ from flax import nnx
 
 Array = jax.Array
 
-# width, depth, heads of the timm/DINOv2 ViTs the official code builds (spec 1.1). MLP ratio 4.
+# width, depth, heads of the timm/DINOv2 ViTs the official code builds (spec.md §1.1). MLP ratio 4.
 VIT_SIZES = {
     "micro": (64, 2, 2),  # not a released size: fast tests
     "mini": (128, 4, 4),  # not a released size: the CPU demo
@@ -108,8 +108,8 @@ def l2_normalize(x: Array, axis: int | None = -1, eps: float = 1e-12) -> Array:
 
   The norm of an all-zero x is taken through a `where` so that its gradient is finite (sqrt's
   derivative at 0 is infinite: an all-zero token would give NaN), without changing any value:
-  the forward pass is bit for bit sqrt(sum x^2) then the maximum. Used by the quantizer (spec
-  1.3), the REPA loss and the discriminator's spectral norm.
+  the forward pass is bit for bit sqrt(sum x^2) then the maximum. Used by the quantizer (spec.md
+  §1.3), the REPA loss and the discriminator's spectral norm.
   """
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   positive = sq > 0
