@@ -19,6 +19,7 @@ ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax")
 PLATFORMS = vit.PLATFORMS
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("demo", "folder", "tfds")
+TRAIN_TRANSFORMS = ("random_crop", "center_crop_flip")
 OPTIMIZERS = ("adamw", "adam")
 RECONSTRUCTION_LOSSES = ("l2", "l1")
 
@@ -86,6 +87,10 @@ def data_config():
       cache_dir="",
       # uint8 until the device (4x fewer bytes); the trainer applies pixels.to_model_range.
       output_dtype="uint8",
+      # The train transform: "random_crop" (the tokenizer's: ADM random_crop_arr + flip) or
+      # "center_crop_flip" (ADM center_crop_arr + horizontal flip p 0.5: what the generators'
+      # images get, spec.md §8; used by generator training with online encoding).
+      train_transform="random_crop",
       # Demo data (source="demo"): crops of scikit-image's bundled photographs.
       demo_train_size=4096,
       demo_eval_size=512,
@@ -295,6 +300,9 @@ def validate(config) -> None:
     bad("model.vq_std", f"must be > 0, got {m.vq_std}")
   if config.data.source not in DATA_SOURCES:
     bad("data.source", f"{config.data.source!r} is not one of {DATA_SOURCES}")
+  if config.data.get("train_transform", "random_crop") not in TRAIN_TRANSFORMS:
+    bad("data.train_transform", f"{config.data.train_transform!r} is not one of "
+        f"{TRAIN_TRANSFORMS}")
   if config.batch_size <= 0:
     bad("batch_size", "must be positive")
   if config.grad_accum_steps <= 0 or config.batch_size % config.grad_accum_steps:
@@ -469,11 +477,121 @@ def gen_eval_config():
   ))
 
 
+GENERATOR_DATA_SOURCES = ("tokens", "images")
+TIME_SAMPLINGS = ("uniform", "lognormal")
+
+
+def generator_data_config():
+  """Where a generator's training latents come from (`--mode=train` of a generator config;
+  softvq_jax/generator_task.py). Both paths normalise with the tokenizer's vq_mean / vq_std.
+
+  source="tokens" (data path a): the `.npz` chunks of `--mode=extract` in `tokens_dir`, served by
+  token_data.TokenSource (the token or its flip's, at random per example and epoch).
+  source="images" (data path b): image batches of `config.data` (set
+  data.train_transform="center_crop_flip", the ADM centre crop + flip), encoded inside the
+  jitted step by the frozen tokenizer (its parameters a frozen argument, sharded like the rest).
+  """
+  return ml_collections.ConfigDict(dict(
+      source="tokens",
+      # data path a: the extraction's out dir; "" = <tokenizer>/tokens, where `--mode=extract
+      # --workdir=<tokenizer workdir>` writes by default
+      tokens_dir="",
+      # The tokenizer (what load_tokenizer accepts: a workdir of ours, an official-format
+      # directory, a hub id): its vq_mean / vq_std normalise the latents of both paths, it
+      # encodes the images of path b and it decodes the sample grids. Required; `--tokenizer`
+      # on the command line sets it.
+      tokenizer="",
+      flip=True,               # data path a: use the flipped images' tokens when extracted
+      # The default latent statistics (vq_mean 0, vq_std 1: never measured) are refused unless
+      # this is True (token_data.check_latent_statistics): the classic silent failure.
+      allow_unnormalised_latents=False,
+  ))
+
+
+def generator_objective_config(kind: str = "sit"):
+  """The generator's loss (softvq_jax/generator_objective.py; spec.md §8.2, 8.4)."""
+  return ml_collections.ConfigDict(dict(
+      path="linear",             # SiT interpolant: linear | cosine
+      # SiT time sampling: "lognormal" (the published command) or "uniform"
+      time_sampling="lognormal",
+      # DiT: beta schedule of the 1000-step diffusion (cosine: the published command)
+      noise_schedule="cosine" if kind == "dit" else "linear",
+      diffusion_steps=1000,
+      num_time_buckets=4,        # the loss is also logged per bucket of t in [0, 1]
+  ))
+
+
+def generator_train_config(config, *, kind: str = "sit", size: str = "XL"):
+  """Turns a tokenizer config (the one whose tokens are modelled: it describes their shape) into
+  a generator training config: generator / generator_data / generator_objective / sample /
+  gen_eval sections and the published recipe (spec.md §8.2: AdamW lr 1e-4 constant, betas
+  (0.9, 0.999), no weight decay, clip 1.0 (DiT 5.0), EMA 0.9999, batch 256, 400k steps).
+
+  The tokenizer's own loss sections stay (validate reads them) but are not used.
+  """
+  config.generator = generator_config(size=size, kind=kind)
+  config.generator_data = generator_data_config()
+  config.generator_objective = generator_objective_config(kind)
+  config.sample = sample_config()
+  config.gen_eval = gen_eval_config()
+  config.data.train_transform = "center_crop_flip"   # data path b's images (spec.md §8)
+  o = config.optim
+  o.name, o.lr, o.lr_batch_scaling = "adamw", 1e-4, False
+  o.b1, o.b2, o.eps, o.weight_decay = 0.9, 0.999, 1e-8, 0.0
+  o.warmup_steps, o.min_lr_ratio = 0, 1.0          # constant learning rate
+  o.grad_clip_norm = 5.0 if kind == "dit" else 1.0
+  o.ema_decay = 0.9999
+  config.batch_size = 256
+  config.num_train_steps = 400_000
+  config.log_every_steps = 100
+  config.image_every_steps = 10_000
+  config.checkpoint_every_steps = 10_000
+  config.keep_every_steps = 100_000
+  config.num_grid_images = 16
+  return config
+
+
 def is_generator_config(config) -> bool:
   """Whether `config` describes a generator (SiT / DiT over a tokenizer's tokens): it has a
   `generator` section. `--mode=eval` then evaluates generated images (gFID) instead of a
   tokenizer's reconstructions (rFID)."""
   return "generator" in config
+
+
+def validate_generator_training(config) -> None:
+  """Fail fast, naming the field, on generator-training values (`--mode=train` of a generator
+  config): the generator / sample sections (validate_generation) and the training data and
+  objective sections."""
+  validate_generation(config)
+
+  def bad(field, msg):
+    raise ValueError(f"config.{field}: {msg}")
+
+  for section in ("generator_data", "generator_objective"):
+    if section not in config:
+      bad(section, f"a generator training config needs a {section} section "
+          "(config_lib.generator_train_config)")
+  d, o = config.generator_data, config.generator_objective
+  if d.source not in GENERATOR_DATA_SOURCES:
+    bad("generator_data.source", f"{d.source!r} is not one of {GENERATOR_DATA_SOURCES}")
+  if not d.tokenizer:
+    bad("generator_data.tokenizer", "the tokenizer is required (its vq_mean / vq_std normalise "
+        "the latents; it encodes path b's images and decodes the sample grids): "
+        "--tokenizer=<tokenizer workdir / official directory / hub id>")
+  if o.path not in FLOW_PATHS:
+    bad("generator_objective.path", f"{o.path!r} is not one of {FLOW_PATHS}")
+  if o.time_sampling not in TIME_SAMPLINGS:
+    bad("generator_objective.time_sampling", f"{o.time_sampling!r} is not one of "
+        f"{TIME_SAMPLINGS}")
+  if o.noise_schedule not in NOISE_SCHEDULES:
+    bad("generator_objective.noise_schedule", f"{o.noise_schedule!r} is not one of "
+        f"{NOISE_SCHEDULES}")
+  if o.diffusion_steps < 1 or o.num_time_buckets < 1:
+    bad("generator_objective.diffusion_steps", "diffusion_steps and num_time_buckets must be "
+        "positive")
+  if not 0 <= config.generator.class_dropout_prob < 1:
+    bad("generator.class_dropout_prob", f"must be in [0, 1), got "
+        f"{config.generator.class_dropout_prob}")
 
 
 def validate_generation(config) -> None:

@@ -208,6 +208,19 @@ def apply_train_params(arr: np.ndarray, image_size: int, top: int, left: int,
   return np.ascontiguousarray(out)
 
 
+def center_crop_flip_arr(img: Image.Image, image_size: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+  """The generators' train transform (spec.md §8: ADM `center_crop_arr` + RandomHorizontalFlip,
+  p 0.5) -> ([S, S, 3] uint8, flipped). One draw (the flip) from `rng`.
+
+  Why not the tokenizer's random crop: the generator reproduces the paper's numbers only on the
+  images it was trained on there, whole centre crops (the latents of `--mode=extract` are of
+  centre crops too, so both data paths see the same images)."""
+  arr = center_crop_arr(img, image_size)
+  flip = bool(rng.random() < 0.5)
+  return (np.ascontiguousarray(arr[:, ::-1]) if flip else arr), flip
+
+
 def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
   """Eval transform (ADM `center_crop_arr`) -> [S, S, 3] uint8."""
   _check_aspect(img)
@@ -241,6 +254,7 @@ class _TrainExample:
   seed: int
   output_dtype: str
   shard_len: int
+  transform: str = "random_crop"  # config.data.train_transform
 
   def __call__(self, position: int, record_index: int):
     epoch = position // self.shard_len
@@ -250,7 +264,10 @@ class _TrainExample:
       rec = self.source[record_index]
       name = rec["name"]
       rng = np.random.default_rng((self.seed, epoch, record_index))
-      arr, _ = random_crop_arr(decode_image(rec["image"]), self.image_size, rng)
+      if self.transform == "center_crop_flip":
+        arr, _ = center_crop_flip_arr(decode_image(rec["image"]), self.image_size, rng)
+      else:
+        arr, _ = random_crop_arr(decode_image(rec["image"]), self.image_size, rng)
     except BadImageError as e:
       return Skipped(name, str(e))
     except Exception as e:  # pylint: disable=broad-except
@@ -513,8 +530,12 @@ def build_train_dataset(data_config, *, image_size: int, global_batch_size: int,
   ids = grain.MapDataset.range(n)[process_index::process_count]  # this process's record indices
   shard_len = len(ids)
   ds = ids.shuffle(seed=seed).repeat(None)  # epoch e uses shuffle seed (seed + e)
+  transform = data_config.get("train_transform", "random_crop")
+  if transform not in ("random_crop", "center_crop_flip"):
+    raise ValueError(f"config.data.train_transform={transform!r} is not 'random_crop' or "
+                     "'center_crop_flip'")
   ds = ds.map_with_index(_TrainExample(source, image_size, seed, data_config.output_dtype,
-                                       shard_len))
+                                       shard_len, transform))
   ds = ds.to_iter_dataset(_read_options(data_config))
   ds = _SkipBadBatchIterDataset(ds, local_bs)
   return _prefetch(ds, data_config)

@@ -3,7 +3,9 @@
 Modes:
   train        (default) train the tokenizer of --config in --workdir: TensorBoard logs,
                metrics.jsonl, reconstruction grids in images/, Orbax checkpoints in checkpoints/.
-               Resumes by itself from the newest complete checkpoint in --workdir.
+               Resumes by itself from the newest complete checkpoint in --workdir. With a
+               generator config (configs/sit_*.py, dit_*.py, demo_sit.py): trains the SiT / DiT
+               on --tokenizer's tokens in the same loop (softvq_jax/generator_task.py).
   eval         rFID / PSNR / SSIM / LPIPS / codebook usage of a tokenizer (--checkpoint, else the
                workdir's newest EMA) on config.data.eval_split: <workdir>/eval/*.json + *.png.
                With a generator config (a `generator` section, e.g. configs/demo_sit.py): gFID,
@@ -70,7 +72,8 @@ _CHECKPOINT = flags.DEFINE_string(
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "images to reconstruct")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "--mode=sample / generator eval: the tokenizer that decodes the generator's tokens (what "
-    "load_tokenizer accepts); default: randomly initialised from --config")
+    "load_tokenizer accepts); default: randomly initialised from --config. --mode=train of a "
+    "generator config: the tokenizer whose tokens it models (sets config.generator_data.tokenizer)")
 
 
 def reconstruct(config, workdir: str) -> dict:
@@ -275,6 +278,9 @@ def _run(config) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _setup_jax()
   from softvq_jax import config_lib, preflight  # pylint: disable=import-outside-toplevel
+  if (_MODE.value == "train" and _TOKENIZER.value and config_lib.is_generator_config(config)
+      and "generator_data" in config):  # the generator's tokenizer, as for --mode=sample
+    config.generator_data.tokenizer = _TOKENIZER.value
   preflight.run(config, _WORKDIR.value, _MODE.value)
   if _MODE.value == "train":
     from softvq_jax import train  # pylint: disable=import-outside-toplevel

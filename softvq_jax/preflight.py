@@ -60,6 +60,10 @@ class PreflightError(Exception):
 def splits_read(config, mode: str) -> list[str]:
   """The data splits `mode` reads (train also reads eval images for its reconstruction grids)."""
   d = config.data
+  if mode == "train" and "generator_data" in config:  # generator training (generator_task.py)
+    # pre-extracted tokens read no images; online encoding reads the train split (the sample
+    # grids are generated, not reconstructed)
+    return [d.train_split] if config.generator_data.source == "images" else []
   if mode == "train":
     return list(dict.fromkeys([d.train_split, d.eval_split]))
   if mode == "eval" and "generator" in config:  # gen_eval.py: a split only as its reference
@@ -77,6 +81,8 @@ def networks_needed(config, mode: str) -> list[str]:
   """`config.pretrained` fields `mode` loads (a term with weight 0 loads no network)."""
   lc = config.loss
   names = []
+  if mode == "train" and "generator_data" in config:  # the tokenizer's loss is not trained
+    return ["inception"] if config.eval.every_steps > 0 else []  # in-loop gFID
   if mode == "train":
     if lc.perceptual_weight > 0:
       names.append("lpips")
@@ -95,6 +101,12 @@ def networks_needed(config, mode: str) -> list[str]:
 
 def batch_sizes(config, mode: str) -> dict[str, int]:
   """{config field: global batch} of the steps `mode` runs."""
+  if mode == "train" and "generator_data" in config:
+    out = {"batch_size": int(config.batch_size)}
+    if config.grad_accum_steps > 1:
+      out["batch_size / grad_accum_steps"] = int(config.batch_size) // max(
+          int(config.grad_accum_steps), 1)
+    return out  # sample.batch_size (grids, in-loop gFID) is per process, checked there
   if mode == "train":
     out = {"batch_size": int(config.batch_size)}
     if config.grad_accum_steps > 1:
@@ -120,10 +132,12 @@ def batch_sizes(config, mode: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def check_config(config) -> list[str]:
+def check_config(config, mode: str = "") -> list[str]:
   from softvq_jax import config_lib  # pylint: disable=import-outside-toplevel
   try:
     config_lib.validate(config)
+    if mode == "train" and "generator_data" in config:  # generator training: its sections
+      config_lib.validate_generator_training(config)
   except ValueError as e:
     return [str(e)]
   return []
@@ -341,7 +355,7 @@ def run(config, workdir: str, mode: str, *, num_devices: int | None = None,
   if report is None:
     from absl import logging  # pylint: disable=import-outside-toplevel
     report = logging.info
-  problems = check_config(config)
+  problems = check_config(config, mode)
   problems += check_data(config, mode)
   pretrained_problems, fetchable = check_pretrained(config, mode)
   problems += pretrained_problems

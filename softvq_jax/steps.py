@@ -67,6 +67,20 @@ def _accumulated_grads(grad_fn, gen_params, frozen, images, n, batch_sharding, s
   return loss, m, hist, grads
 
 
+def _apply_gradients(tx: optax.GradientTransformation, grads, opt_state, params):
+  """One optimizer update: (new params, new optimizer state, global gradient norm). Shared by
+  the tokenizer's and the generator's steps."""
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, grad_norm
+
+
+def _step_metrics(grad_norm, lr, bad, step1) -> dict[str, Array]:
+  """The per-step bookkeeping both steps log: gradient norm, learning rate, non-finite flags."""
+  return {"grad_norm": grad_norm, "lr": lr, "nonfinite": bad.astype(jnp.float32),
+          "first_nonfinite_step": jnp.where(bad, step1, _NO_STEP).astype(jnp.int32)}
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, *,
                     objective: objective_lib.Objective, ema_decay: float,
                     grad_accum_steps: int = 1, batch_sharding=None,
@@ -113,9 +127,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     metrics.update(m)
 
     # 2. The generator's optimizer step and the EMA of its parameters.
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, gen_params)
-    params, proj_params = optax.apply_updates(gen_params, updates)
+    (params, proj_params), opt_state, grad_norm = _apply_gradients(tx, grads, state.opt_state,
+                                                                   gen_params)
     new_state = state.replace(step=step1, params=params, proj_params=proj_params,
                               opt_state=opt_state,
                               ema_params=optim.ema_update(state.ema_params, params, ema_decay))
@@ -130,10 +143,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
       metrics.update(dm)
       bad = bad | jnp.logical_not(jnp.isfinite(dm["disc/total"]) &
                                   jnp.isfinite(dm["disc/grad_norm"]))
-    metrics["grad_norm"] = grad_norm
-    metrics["lr"] = schedule(state.step)
-    metrics["nonfinite"] = bad.astype(jnp.float32)
-    metrics["first_nonfinite_step"] = jnp.where(bad, step1, _NO_STEP).astype(jnp.int32)
+    metrics.update(_step_metrics(grad_norm, schedule(state.step), bad, step1))
     metrics["code_hist"] = hist
     return new_state, metrics
 
@@ -169,7 +179,8 @@ def summarize_window(acc: dict[str, Any]) -> dict[str, float]:
     if k in ("steps", "first_nonfinite_step", "code_hist", "nonfinite"):
       continue
     out[k] = float(v) / n
-  out["codebook/usage_window"] = float(np.mean(np.asarray(acc["code_hist"]) > 0))
+  if "code_hist" in acc:
+    out["codebook/usage_window"] = float(np.mean(np.asarray(acc["code_hist"]) > 0))
   return out
 
 
@@ -177,3 +188,95 @@ def nonfinite_step(acc: dict[str, Any]) -> int | None:
   """The first step in the window whose loss or gradient norm was NaN/Inf, else None."""
   s = int(acc["first_nonfinite_step"])
   return None if s == int(_NO_STEP) else s
+
+
+# ------------------------------------------------------------------------------------------------
+# The generator's (SiT / DiT) train step: the same gradients -> optimizer -> EMA -> non-finite
+# flags, over softvq_jax/generator_objective.py's loss.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_generator_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                              schedule: Callable, *, ema_decay: float, grad_accum_steps: int = 1,
+                              batch_sharding=None) -> Callable:
+  """`train_step(state, frozen, batch) -> (state, metrics)` of a generator (pure; jit it).
+
+  loss_fn: `generator_objective.make_loss_fn(objective, graphdef[, encode=...])`:
+  (params, frozen, batch, key) -> (loss, metrics). state: train_state.GeneratorTrainState.
+  frozen: {"fixed": the network's pos_embed, "tokenizer": the tokenizer's params or None}.
+  batch: {"latents": [B, N, e], "label": [B]} (data path a) or {"image": [B, S, S, 3],
+  "label": [B]} (path b), global arrays.
+
+  The step key is fold_in(state.rng, step) as the tokenizer's; with grad_accum_steps = n the
+  batch is split into n strided micro-batches (`_microbatches`), micro-batch i drawing from
+  fold_in(key, i), their losses, metrics and gradients averaged.
+
+  Metrics: "loss/total" and every metric of loss_fn under "loss/" (per time bucket: the masked
+  mean "loss/t<lo>-<hi>" and the fraction of the batch "frac/t<lo>-<hi>" in it; the window
+  weights the first by the second: `summarize_generator_window`), grad_norm, lr, the non-finite
+  flags.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, frozen, batch: dict[str, Array]):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step1 = state.step + 1
+    if grad_accum_steps == 1:
+      (loss, m), grads = grad_fn(state.params, frozen, batch, key)
+    else:
+      n = grad_accum_steps
+      micro = {k: _microbatches(v, n, batch_sharding) for k, v in batch.items()}
+
+      def body(carry, xi):
+        b, i = xi
+        (l, mi), g = grad_fn(state.params, frozen, b, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (l, mi, g)), None
+
+      first = {k: v[0] for k, v in micro.items()}
+      shapes = jax.eval_shape(grad_fn, state.params, frozen, first, key)
+      (l0, m0), g0 = shapes
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (l0, m0, g0))
+      (loss, m, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+      loss, m, grads = jax.tree.map(lambda x: x / n, (loss, m, grads))
+    params, opt_state, grad_norm = _apply_gradients(tx, grads, state.opt_state, state.params)
+    new_state = state.replace(step=step1, params=params, opt_state=opt_state,
+                              ema_params=optim.ema_update(state.ema_params, params, ema_decay))
+    bad = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    metrics = {"loss/total": loss}
+    for k, v in m.items():
+      if k == "loss":
+        continue
+      if k.startswith("frac_"):
+        metrics["frac/" + k[len("frac_"):]] = v
+      elif k.startswith("loss_"):
+        metrics["loss/" + k[len("loss_"):]] = v
+      else:
+        metrics["loss/" + k] = v
+    metrics.update(_step_metrics(grad_norm, schedule(state.step), bad, step1))
+    return new_state, metrics
+
+  return train_step
+
+
+def accumulate_generator_metrics(acc: dict[str, Array],
+                                 metrics: dict[str, Array]) -> dict[str, Array]:
+  """`accumulate_metrics`, with each time bucket's loss summed weighted by its batch fraction
+  (so the window's bucket mean is exact whatever the buckets' occupancy per step)."""
+  weighted = dict(metrics)
+  for k, v in metrics.items():
+    if k.startswith("frac/"):
+      name = "loss/" + k[len("frac/"):]
+      weighted[name] = metrics[name] * v
+  return accumulate_metrics(acc, weighted)
+
+
+def summarize_generator_window(acc: dict[str, Any]) -> dict[str, float]:
+  """Window means; a time bucket's loss = sum(loss_b * frac_b) / sum(frac_b) over the window's
+  steps (the mean over the window's examples whose t fell in it; 0 when none did)."""
+  out = summarize_window(acc)
+  for k in list(out):
+    if k.startswith("frac/"):
+      name = "loss/" + k[len("frac/"):]
+      frac_sum = float(acc[k])
+      out[name] = float(acc[name]) / frac_sum if frac_sum > 0 else 0.0
+  return out

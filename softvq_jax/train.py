@@ -231,6 +231,57 @@ def restore_or_init(trainer: Trainer, checkpointer: ckpt_lib.Checkpointer, train
   return trainer.init_state()
 
 
+class TokenizerTask:
+  """What is particular to training a SoftVQ tokenizer (the loop itself is `train_and_evaluate`):
+  the Trainer (state, shardings, step), the image batches, input | EMA-reconstruction grids,
+  the rFID in-loop evaluation, the checkpoint metadata and the closing message.
+
+  The generator's counterpart is softvq_jax/generator_task.py's GeneratorTask; `task_for`
+  picks one by `config_lib.is_generator_config`. Both have the same members.
+  """
+  batch_keys = ("image",)  # what of a host batch goes to the step
+  accumulate_metrics = staticmethod(steps.accumulate_metrics)
+  summarize_window = staticmethod(steps.summarize_window)
+
+  def __init__(self, config):
+    self.config = config
+    self.cfg = TokenizerConfig.from_config(config)
+    self.description = str(self.cfg)
+
+  def build_trainer(self, mesh: Mesh) -> Trainer:
+    return build_trainer(self.config, mesh)
+
+  def train_iterator(self):
+    c = self.config
+    return data.build_train_pipeline(
+        c.data, image_size=c.image_size, global_batch_size=c.batch_size, seed=c.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def grid_writer(self, trainer, workdir, writer, is_main):
+    return _grid_writer(self.config, trainer, workdir, writer, is_main)
+
+  def in_loop_evaluator(self, trainer, workdir, writer, is_main):
+    return _in_loop_evaluator(self.config, trainer, workdir, writer, is_main)
+
+  def metadata(self, mesh) -> dict[str, Any]:
+    return _metadata(self.config, self.cfg, mesh)
+
+  def finish(self, state, trainer, workdir: str, *, step: int, minutes: float,
+             config_path: str | None, eval_result) -> str:
+    del state, trainer
+    return progress.outputs_message(workdir, step=step, minutes=minutes, config_path=config_path,
+                                    eval_result=eval_result)
+
+
+def task_for(config):
+  """The task of `config`: a generator (SiT / DiT over a tokenizer's tokens) when it has a
+  `generator` section (`config_lib.is_generator_config`), else the tokenizer."""
+  if config_lib.is_generator_config(config):
+    from softvq_jax import generator_task  # pylint: disable=import-outside-toplevel
+    return generator_task.GeneratorTask(config)
+  return TokenizerTask(config)
+
+
 def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = None,
                        config_path: str | None = None) -> TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
@@ -242,19 +293,17 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   # ---- Setup: everything the loop needs, built once. ----
   run_start = time.time()
   config_lib.validate(config)
+  task = task_for(config)  # what differs between training a tokenizer and a generator
   workdir = ckpt_lib.absolute_workdir(workdir)  # a str: local (absolute) path or gs:// / s3:// URL
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   total_steps = int(config.num_train_steps)
-  cfg = TokenizerConfig.from_config(config)
 
   mesh = sharding.create_mesh(config.mesh_shape)
-  trainer = build_trainer(config, mesh)
+  trainer = task.build_trainer(mesh)
   frozen = trainer.frozen()  # missing pretrained files fail here, before anything is compiled
   if train_iter is None:
-    train_iter = data.build_train_pipeline(
-        config.data, image_size=config.image_size, global_batch_size=config.batch_size,
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = task.train_iterator()
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_every_steps=config.keep_every_steps)
   state = restore_or_init(trainer, checkpointer, train_iter, config.seed)
@@ -268,7 +317,7 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   _log_compiled(p_step, time.time() - t0)
   rep = sharding.replicated(mesh)
   metrics_shape = jax.eval_shape(trainer.step_fn, *abstract_args)[1]
-  p_accumulate = jax.jit(steps.accumulate_metrics, donate_argnums=(0,))
+  p_accumulate = jax.jit(task.accumulate_metrics, donate_argnums=(0,))
   new_window = jax.jit(functools.partial(steps.init_accumulator, metrics_shape), out_shardings=rep)
 
   # FLOPs of the whole global batch in one pass (a scan over micro-batches would count once).
@@ -280,10 +329,10 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
                             batch_size=config.batch_size, start_step=start_step,
                             num_devices=jax.device_count(), flops_per_step=flops,
                             peak_flops_per_device=peak)
-  write_grid = _grid_writer(config, trainer, workdir, log.writer, is_main)
-  evaluate_ema = _in_loop_evaluator(config, trainer, workdir, log.writer, is_main)
+  write_grid = task.grid_writer(trainer, workdir, log.writer, is_main)
+  evaluate_ema = task.in_loop_evaluator(trainer, workdir, log.writer, is_main)
   config_json = json.loads(config.to_json_best_effort())
-  metadata = _metadata(config, cfg, mesh)
+  metadata = task.metadata(mesh)
 
   def check_finite(acc) -> None:
     bad = steps.nonfinite_step(jax.device_get(acc))
@@ -298,14 +347,14 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   if is_main:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     logging.info("model %s: %.2fM parameters; mesh %s; global batch %d (%d per process); "
-                 "steps %d -> %d", cfg, n_params / 1e6, dict(mesh.shape), config.batch_size,
+                 "steps %d -> %d", task.description, n_params / 1e6, dict(mesh.shape), config.batch_size,
                  config.batch_size // jax.process_count(), start_step, total_steps)
     logging.info("hyperparameters: %s", progress.write_hparams(workdir, config_json))
     if start_step == 0:
       log.writer.write_hparams({k: v for k, v in
                                 traverse_util.flatten_dict(config_json, sep=".").items()
                                 if isinstance(v, (int, float, str, bool))})
-  if start_step == 0:  # "before": what the untrained tokenizer makes of the grid images
+  if start_step == 0:  # "before": what the untrained network makes of the grid
     write_grid(0, state)
 
   # ---- The loop. ----
@@ -314,14 +363,15 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   step = start_step
   try:
     while step < total_steps:
-      batch = data.make_global_batch({"image": next(train_iter)["image"]}, mesh)
+      host_batch = next(train_iter)
+      batch = data.make_global_batch({k: host_batch[k] for k in task.batch_keys}, mesh)
       state, m = p_step(state, frozen, batch)
       acc = p_accumulate(acc, m)
       step += 1
       preempted = preemption.reached(step)
       if due(step, config.log_every_steps, total_steps) or preempted:
         check_finite(acc)
-        summary = steps.summarize_window(jax.device_get(acc))
+        summary = task.summarize_window(jax.device_get(acc))
         skipped = getattr(train_iter, "skipped", None)  # the pipeline itself logs the file names
         if skipped is not None:
           summary["data/skipped"] = float(skipped.count)
@@ -344,10 +394,12 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
     preemption.restore()
     checkpointer.close()
     log.flush()
-  if is_main and step >= total_steps:
-    logging.info("%s", progress.outputs_message(
-        workdir, step=step, minutes=(time.time() - run_start) / 60, config_path=config_path,
-        eval_result=evaluate_ema.last if evaluate_ema is not None else {}))
+  if step >= total_steps:
+    message = task.finish(state, trainer, workdir, step=step,
+                          minutes=(time.time() - run_start) / 60, config_path=config_path,
+                          eval_result=evaluate_ema.last if evaluate_ema is not None else {})
+    if is_main:
+      logging.info("%s", message)
   return state
 
 

@@ -25,8 +25,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from softvq_jax import generator_objective
 from softvq_jax import objective as objective_lib
 from softvq_jax import sharding
+from softvq_jax.models import sit as sit_lib
 from softvq_jax.models.tokenizer import (SoftVQTokenizer, TokenizerConfig, abstract_tokenizer,
                                          split_model)
 
@@ -99,3 +101,51 @@ def train_state_shardings(abstract_state: TrainState, tx, mesh: Mesh,
                   else None),
       disc_opt_state=(_opt_shardings(disc_tx, abstract_state.disc_opt_state, disc_sh, rep)
                       if disc_sh is not None else None))
+
+
+# ------------------------------------------------------------------------------------------------
+# The generator's (SiT / DiT) training state: the same rules, fewer parts.
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class GeneratorTrainState:
+  """What a generator run checkpoints: its parameters, their EMA, the optimizer state, the step
+  and the raw key. No discriminator, no projector; the network's fixed sin-cos `pos_embed` is
+  not in it either (a pure function of the network config: rebuilt at every start and passed
+  beside the state as `frozen["fixed"]`, softvq_jax/generator_objective.py)."""
+  step: jax.Array            # [] int32: completed optimizer steps
+  params: Any                # nnx.State of the network's nnx.Param variables, float32
+  ema_params: Any            # EMA of params (what sampling and export use)
+  opt_state: Any
+  rng: jax.Array             # [2] uint32 raw key; per-step keys are fold_in(rng, step)
+
+
+def init_generator_state(sit_cfg, tx: optax.GradientTransformation,
+                         seed: int) -> GeneratorTrainState:
+  """A fresh generator state (jit-able; jit with out_shardings to create it sharded).
+
+  Parameters are drawn exactly as `models.sit.build_sit(sit_cfg, seed)`; the EMA starts as a
+  copy (spec.md §8.2); the step key stream is fold_in(key(seed), 1), as the tokenizer's."""
+  _, params, _ = generator_objective.split_generator(sit_lib.build_sit(sit_cfg, seed))
+  rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+  return GeneratorTrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                             rng=rng)
+
+
+def abstract_generator_state(sit_cfg, tx, seed: int = 0):
+  """(graphdef, abstract GeneratorTrainState, abstract fixed pos_embed): no memory, no FLOPs."""
+  graphdef, _, fixed = generator_objective.split_generator(sit_lib.abstract_sit(sit_cfg))
+  return graphdef, jax.eval_shape(lambda: init_generator_state(sit_cfg, tx, seed)), fixed
+
+
+def generator_state_shardings(abstract_state: GeneratorTrainState, tx, mesh: Mesh,
+                              rules=sharding.DEFAULT_RULES) -> GeneratorTrainState:
+  """Parameters, EMA and Adam moments by their logical axes (+ the FSDP split of anything left
+  whole); the step and the key replicated."""
+  rep = sharding.replicated(mesh)
+  param_sh = sharding.state_shardings(abstract_state.params, mesh, rules)
+  return abstract_state.replace(step=rep, params=param_sh, ema_params=param_sh, rng=rep,
+                                opt_state=_opt_shardings(tx, abstract_state.opt_state, param_sh,
+                                                         rep))

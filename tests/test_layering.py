@@ -31,7 +31,7 @@ LAYERS = (
     ("public API", ("api",)),
     ("generators", ("generator", "generate")),
     ("evaluation and latents", ("evaluate", "gen_eval", "latents")),
-    ("training loop", ("train",)),
+    ("training loop", ("generator_task", "train")),
     ("cost model", ("cost_model",)),
     ("tools over the trainer", ("compile_plan", "preflight")),
     ("command line", ("main",)),
