@@ -210,10 +210,9 @@ class GeneratorTask:
     self.online = d.source == "images"
     self.source = None
     if self.online:
-      if int(config.image_size) != int(tc.image_size):
-        raise GeneratorTrainError(
-            f"config.image_size={config.image_size}: the tokenizer encodes {tc.image_size} px "
-            f"images; use --config.image_size={tc.image_size}")
+      # the images are cut at the tokenizer's size (config.image_size describes the config's own
+      # tokenizer sections, used only when --mode=sample builds one randomly)
+      self.image_size = int(tc.image_size)
       if config.data.get("train_transform", "random_crop") != "center_crop_flip":
         logging.warning("data path 'images' with config.data.train_transform=%r: the reference "
                         "trains generators on centre crops + flips ('center_crop_flip')",
@@ -250,7 +249,7 @@ class GeneratorTask:
     c = self.config
     if self.online:
       return data.build_train_pipeline(
-          c.data, image_size=c.image_size, global_batch_size=c.batch_size, seed=c.seed,
+          c.data, image_size=self.image_size, global_batch_size=c.batch_size, seed=c.seed,
           process_index=jax.process_index(), process_count=jax.process_count())
     return token_data.build_token_train_pipeline(
         self.source, global_batch_size=c.batch_size, seed=c.seed,
