@@ -99,6 +99,12 @@ _COSTLIEST_FIRST = ("test_multiprocess.py", "test_main.py", "test_train.py", "te
 
 
 def pytest_configure(config):
+  # Two tiers. The README's test command runs everything but `slow`; CI (.ci/run) runs it and then
+  # `-m slow`: the end-to-end tests that each cost minutes on 2 cores (kill -9 / SIGTERM resume,
+  # 2 processes, mesh equivalence, restore onto another mesh, FSDP bytes, the accelerator smoke,
+  # the demo run). Each behaviour they cover keeps a cheaper test in the default tier.
+  config.addinivalue_line("markers", "slow: minutes each on 2 CPU cores; CI runs them after the "
+                          "README's test command (pytest -m slow)")
   # xdist (>= 3.6) reorders files by their number of tests unless told not to; keep ours.
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
@@ -146,6 +152,10 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
   if not _CPU_BY_TEST:
     return
+  if os.environ.get("SOFTVQ_TEST_CPU_JSON"):  # every test's CPU seconds, for planning the suite
+    import json  # pylint: disable=import-outside-toplevel
+    with open(os.environ["SOFTVQ_TEST_CPU_JSON"], "w", encoding="utf-8") as f:
+      json.dump(_CPU_BY_TEST, f, indent=1, sort_keys=True)
   top = sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])[:15]
   terminalreporter.section(f"CPU seconds: {sum(_CPU_BY_TEST.values()):.0f} in all; the 15 costliest")
   for nodeid, seconds in top:

@@ -60,6 +60,7 @@ def smoke(tmp_path_factory):
   return {"out": out, "records": records, "summary": summary, "wall": wall}
 
 
+@pytest.mark.slow
 def test_smoke_writes_exactly_the_records_the_device_tool_brings_back(smoke):
   # 8 files at most come back from a device run: 6 JSONs, the summary and the log.
   assert sorted(os.listdir(smoke["out"])) == sorted(RECORDS + ("accelerator_check.log",
@@ -74,6 +75,7 @@ def test_smoke_writes_exactly_the_records_the_device_tool_brings_back(smoke):
   assert smoke["records"]["install"]["missing"] == [], smoke["records"]["install"]
 
 
+@pytest.mark.slow
 def test_environment_is_recorded(smoke):
   e = smoke["records"]["environment"]["results"][0]
   assert e["status"] == "ok" and e["jax_backend"] == "cpu" and e["device_count"] == 1
@@ -88,6 +90,7 @@ def test_environment_is_recorded(smoke):
   assert e["peak_flops_per_device"] is None  # the CPU has no entry in hardware.CHIPS
 
 
+@pytest.mark.slow
 def test_numerics_compare_each_dtype_and_backend_with_the_cpu_float32_result(smoke):
   n = smoke["records"]["numerics"]["results"][0]
   assert n["status"] == "ok" and n["batch"] == 2
@@ -112,6 +115,7 @@ def test_numerics_compare_each_dtype_and_backend_with_the_cpu_float32_result(smo
   assert bf16["token_cosine_min"] < 1.0
 
 
+@pytest.mark.slow
 def test_encode_decode_ours_vs_pytorch(smoke):
   unit = smoke["records"]["encode_decode"]["results"][0]
   (case,) = unit["cases"]
@@ -124,6 +128,7 @@ def test_encode_decode_ours_vs_pytorch(smoke):
   assert _pos(case["ratio_jax_over_torch"]["encode"])
 
 
+@pytest.mark.slow
 def test_train_step_pixel_vs_pytorch_and_full_objective(smoke):
   results = {r["objective"]: r for r in smoke["records"]["train_step"]["results"]}
   assert set(results) == {"pixel", "full"}
@@ -150,6 +155,7 @@ def test_train_step_pixel_vs_pytorch_and_full_objective(smoke):
   assert f["memory_analysis"]["total_bytes"] > b["jax_memory_analysis"]["total_bytes"]
 
 
+@pytest.mark.slow
 def test_generator_step_is_skipped_until_the_generator_exists(smoke):
   g = smoke["records"]["generator"]
   if SIT_EXISTS:
@@ -158,6 +164,7 @@ def test_generator_step_is_skipped_until_the_generator_exists(smoke):
     assert g["status"] == "skipped" and g["reason"].startswith("generator not built"), g
 
 
+@pytest.mark.slow
 def test_summary_shows_the_measured_numbers(smoke):
   s = smoke["summary"]
   for step in ("install", "environment", "numerics", "encode_decode", "train_step",

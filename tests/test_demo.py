@@ -40,6 +40,7 @@ def _psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:
 # fail (raises=OnlyColours): a crash or a missing output fails the test as usual.
 @pytest.mark.xfail(raises=OnlyColours, strict=True,
                    reason="issue 16: the demo does not yet learn more than colours in minutes")
+@pytest.mark.slow
 def test_short_demo_run_beats_the_mean_colour_baseline(tmp_path):
   config = _demo_config()
   config.num_train_steps = STEPS

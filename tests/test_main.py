@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import ONE_DEVICE_XLA_FLAGS
@@ -128,6 +129,7 @@ def test_main_trains_and_loads_as_tokenizer(tmp_path):
   assert grid.shape == (2 * (32 + 2) + 2, 6 * (32 + 2) + 2, 3)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
   steps = 16
   ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
@@ -153,6 +155,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_then_resumes(tmp_path):
   env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.Popen(_train_cmd(tmp_path, 400), cwd=ROOT, env=env,

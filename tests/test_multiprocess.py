@@ -104,6 +104,7 @@ def _group_gone(pgid, timeout=30.0) -> bool:
   return False
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_matches_one_process_and_resumes_after_kill_9(tmp_path):
   wd, ref_wd = tmp_path / "run", tmp_path / "reference"
   ref_log = open(tmp_path / "reference.log", "w")  # pylint: disable=consider-using-with

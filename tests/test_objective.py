@@ -56,6 +56,7 @@ def test_discriminator_is_untouched_before_disc_start_then_trains():
     assert np.isfinite(float(m[k])), k
 
 
+@pytest.mark.slow
 def test_adaptive_weight_is_the_ratio_of_pixel_head_gradient_norms():
   config = tiny_config()
   config.loss.adaptive_weight = True

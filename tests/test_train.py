@@ -47,6 +47,7 @@ def single_device_runs():
     return {k: _run(c, mesh, _batches(c, STEPS)) for k, c in _objectives().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 4, 1)])
 def test_meshes_match_one_device(single_device_runs, mesh_shape):
   """Same losses and parameters as one device.
@@ -78,6 +79,7 @@ def test_meshes_match_one_device(single_device_runs, mesh_shape):
           assert close.mean() > 0.95, f"{name} {tree}: only {close.mean():.4f} of elements agree"
 
 
+@pytest.mark.slow
 def test_fsdp_per_device_state_bytes_are_an_eighth():
   """Compiled memory analysis: the step's state arguments per device under (1,8,1) FSDP are at
   most 1/8 of the replicated (8,1,1) layout + 5% — frozen networks included when
@@ -159,6 +161,7 @@ def _short_run_config(*, full_objective=False, **kw):
   return config
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
   config = _short_run_config(mesh_shape=(8, 1, 1), full_objective=True)
   state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
