@@ -551,6 +551,37 @@ def generator_train_config(config, *, kind: str = "sit", size: str = "XL"):
   return config
 
 
+GENERATOR_SIZES = ("S", "B", "L", "XL")
+
+
+def generator_variant_config(kind: str, arg: str = ""):
+  """The config of `--config=configs/{sit,dit}_xl_sq64_256.py:<tokenizer>[,<size>]`: a SiT / DiT
+  (size S | B | L | XL, default XL) trained on the tokens of a released SoftVQ tokenizer named
+  as on the hub (a row of softvq_jax/variants.py: b-64 (default), bl-64, l-64, b-32, bl-32, l-32,
+  bl-64-512, l-32-512, or the unreleased ll-32 / ll-32-512), with the published recipe
+  (`generator_train_config`, spec.md §8.2 / 8.4).
+
+  The tokenizer sections describe that tokenizer (its tokens' shape, image size); the tokenizer
+  itself is `generator_data.tokenizer` = its hub id (or `--tokenizer=<your workdir / directory>`);
+  the extracted tokens are `generator_data.tokens_dir` (data path a, the default), or set
+  `--config.generator_data.source=images` to encode ImageNet online (data path b).
+  """
+  name, _, size = (arg or "").partition(",")
+  name, size = (name.strip().lower() or "b-64"), (size.strip().upper() or "XL")
+  found = [v for v in variants.VARIANTS if v.name == name]
+  if not found:
+    raise ValueError(f"tokenizer {name!r} is not one of "
+                     f"{', '.join(v.name for v in variants.VARIANTS)} (softvq_jax/variants.py)")
+  if size not in GENERATOR_SIZES:
+    raise ValueError(f"generator size {size!r} is not one of {GENERATOR_SIZES}")
+  variant = found[0]
+  config = base_config(variant)
+  generator_train_config(config, kind=kind, size=size)
+  config.generator_data.tokenizer = variant.hub_id or ""
+  config.generator.compute_dtype = "bfloat16"  # TPU / GPU; float32 on a CPU
+  return config
+
+
 def is_generator_config(config) -> bool:
   """Whether `config` describes a generator (SiT / DiT over a tokenizer's tokens): it has a
   `generator` section. `--mode=eval` then evaluates generated images (gFID) instead of a

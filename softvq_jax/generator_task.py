@@ -221,6 +221,12 @@ class GeneratorTask:
     else:
       # the chunks hold raw z_q: normalised here with the tokenizer's statistics (--mode=stats
       # may have run after the extraction; its manifest then records the old ones)
+      local = paths.is_url(self.tokenizer_source) or paths.resolve(self.tokenizer_source).is_dir()
+      if not d.tokens_dir and not local:
+        raise GeneratorTrainError(
+            f"config.generator_data.tokens_dir is empty and the tokenizer "
+            f"{self.tokenizer_source} is not a directory (a hub id) to find <tokenizer>/tokens "
+            "in: give the extraction's out dir (--mode=extract, config.latents.out_dir)")
       self.tokens_dir = str(d.tokens_dir) or str(paths.resolve(self.tokenizer_source) / "tokens")
       try:
         self.source = token_data.TokenSource(
