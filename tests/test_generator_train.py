@@ -264,3 +264,30 @@ def test_center_crop_flip_transform():
   config.data.train_transform = "random_crop_flip"
   with pytest.raises(ValueError, match="config.data.train_transform"):
     config_lib.validate(config)
+
+
+def test_generator_configs():
+  """configs/{sit,dit}_xl_sq64_256.py:<tokenizer>[,<size>]: the tokenizer's token shape, the
+  published recipe (spec.md §8.2 / 8.4), the released tokenizer's hub id; bad arguments named."""
+  sit = config_file("sit_xl_sq64_256")
+  config_lib.validate(sit)
+  config_lib.validate_generator_training(sit)
+  assert (sit.generator.kind, sit.generator.size, sit.generator_data.tokenizer) == (
+      "sit", "XL", "SoftVQVAE/softvq-b-64")
+  assert (sit.model.num_latent_tokens, sit.model.codebook_embed_dim, sit.image_size) == (64, 32, 256)
+  o = sit.optim
+  assert (o.lr, o.b2, o.weight_decay, o.grad_clip_norm, o.ema_decay, o.warmup_steps,
+          o.min_lr_ratio, sit.batch_size) == (1e-4, 0.999, 0.0, 1.0, 0.9999, 0, 1.0, 256)
+  assert sit.generator_objective.time_sampling == "lognormal"
+  assert sit.generator.class_dropout_prob == 0.1
+  small = config_file("sit_xl_sq64_256", "l-32-512,B")
+  assert (small.generator.size, small.model.num_latent_tokens, small.image_size) == ("B", 32, 512)
+  dit = config_file("dit_xl_sq64_256", "l-64")
+  config_lib.validate_generator_training(dit)
+  assert (dit.generator.kind, dit.optim.grad_clip_norm,
+          dit.generator_objective.noise_schedule) == ("dit", 5.0, "cosine")
+  with pytest.raises(ValueError, match="is not one of"):
+    config_file("sit_xl_sq64_256", "q-64")
+  sit.generator_data.source = "npz"
+  with pytest.raises(ValueError, match="config.generator_data.source"):
+    config_lib.validate_generator_training(sit)
