@@ -6,6 +6,11 @@ checkpointed) and not `frozen` (the objective's pretrained networks, softvq_jax/
 One call = one optimizer step on one global batch, optionally as `grad_accum_steps` sequential
 micro-batches (gradients averaged). What the loss is lives in softvq_jax/objective.py.
 
+The generator's (SiT / DiT) step, `make_generator_train_step`, shares the optimizer update and the
+per-step bookkeeping (`_apply_gradients`, `_step_metrics`, `_microbatches`) over the loss of
+softvq_jax/generator_objective.py; its metric window weights each time bucket's loss by the
+bucket's share of the batch (`accumulate_generator_metrics`, `summarize_generator_window`).
+
 Metrics are device arrays (no host transfer inside the step); the loop folds them into a running
 window with `accumulate_metrics` (also jitted) and reads them only when it logs. A non-finite loss
 or gradient is recorded with its step number (`nonfinite`, `first_nonfinite_step`) so the loop can

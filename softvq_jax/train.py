@@ -20,6 +20,14 @@ CPU, 8 fake CPU devices, a GPU node, a GPU cluster or a TPU pod alike:
 
 The whole config goes to `<workdir>/config.json` (and TensorBoard's hparams); the last log lines
 say where the outputs are and how to evaluate and load the tokenizer.
+
+One loop, two tasks: what differs between training a tokenizer and a generator (SiT / DiT over a
+tokenizer's tokens) is a small task object chosen by `config_lib.is_generator_config` (`task_for`):
+`TokenizerTask` here, `generator_task.GeneratorTask` — the Trainer (state, shardings, step), the
+input iterator and which of its keys go to the step, the metric window, the image grid (EMA
+reconstructions / EMA samples), the in-loop evaluation (rFID / gFID), the checkpoint metadata and
+the end of the run (the closing message; the generator also exports its EMA weights). Resume,
+checkpoints, SIGTERM, the NaN stop and logging are this module's, for both.
 """
 from __future__ import annotations
 
@@ -287,7 +295,9 @@ def train_and_evaluate(config, workdir: str, *, train_iter: Iterator | None = No
   """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
 
   train_iter: a replacement for the configured input pipeline (tests); it must yield host batches
-  {"image": [B_local, S, S, 3]} and, for exact resume, be a Grain iterator.
+  with the task's `batch_keys` ({"image": [B_local, S, S, 3]} for a tokenizer; {"latents",
+  "label"} or {"image", "label"} for a generator) and, for exact resume, be checkpointable as a
+  Grain iterator is.
   config_path: the config file the run came from, only to print the follow-up commands.
   """
   # ---- Setup: everything the loop needs, built once. ----

@@ -10,6 +10,10 @@ PRNG key (uint32[2], so Orbax stores it as a plain array). The discriminator's p
 optimizer state and the LeCam statistics are optional parts (None until the GAN objective uses
 them; None is an empty pytree, so jit, sharding and Orbax simply see nothing there).
 
+A generator run (SiT / DiT, softvq_jax/generator_task.py) checkpoints a `GeneratorTrainState`:
+params, EMA, optimizer state, step, key — no discriminator, no projector; its frozen arguments
+(the network's fixed sin-cos pos_embed, the tokenizer of online encoding) are not in it.
+
 The NNX graph definition is not part of the state: `nnx.split` once, keep the `graphdef` beside
 the state, `nnx.merge(graphdef, state.params)` inside the jitted step (softvq_jax/steps.py; no
 `nnx.jit` in the loop: one `jax.jit` with explicit shardings, softvq_jax/train.py).
