@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ONE_DEVICE_XLA_FLAGS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -22,6 +24,7 @@ TINY = ("--config=configs/demo.py", "--config.image_size=32", "--config.model.en
         "--config.model.codebook_embed_dim=16")
 
 
+@pytest.mark.slow
 def test_eval_benchmark_runs_and_reports_consistent_numbers():
   env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(

@@ -316,6 +316,7 @@ def _cli_eval(workdir, tokenizer_dir, reference, *extra):
   return json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
 
+@pytest.mark.slow
 def test_cli_generator_eval_records_settings_and_resumes(tokenizer_dir, tmp_path):
   """`--mode=eval --config=configs/demo_sit.py` (a generator config): 12 samples in 2 chunks,
   their features, FID / IS / precision / recall vs an ADM-format reference; a rerun re-uses

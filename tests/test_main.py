@@ -67,7 +67,7 @@ def _train_cmd(workdir, steps):
 def _train(workdir, steps, *extra_flags):
   env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(_train_cmd(workdir, steps) + list(extra_flags), cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -87,7 +87,7 @@ def _final_state(workdir, step):
     return c.restore(workdir / "checkpoints" / str(step) / "state")
 
 
-def _wait_for(path, proc, timeout=300):
+def _wait_for(path, proc, timeout=900):
   start = time.time()
   while not path.exists():
     assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -119,7 +119,7 @@ def test_main_trains_and_loads_as_tokenizer(tmp_path):
   env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   proc = subprocess.run(_train_cmd(tmp_path, 8)[:5] + _TRAIN_FLAGS + [
       "--mode=eval", "--config.eval.num_images=6", "--config.data.demo_eval_size=8"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "eval" / "eval_validation_6.json").read_text())
   assert result["num_images"] == 6 and 0 < result["ssim"] < 1 and np.isfinite(result["psnr"])

@@ -125,14 +125,19 @@ def test_weight_decay_skips_vectors():
                                       "tokens": True}
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-  """Pixel + perceptual + REPA terms (per-example means); the entropy term depends on the batch
-  composition by design and the GAN refuses accumulation (batch-norm statistics per batch); LPIPS
-  dropout draws other masks for other batch shapes, so it is off here."""
+@pytest.mark.parametrize("perceptual", [
+    False, pytest.param(True, marks=pytest.mark.slow)])  # LPIPS-VGG: ~200 more CPU-s to compile
+def test_gradient_accumulation_matches_one_big_batch(perceptual):
+  """Pixel + REPA terms, and the perceptual one in the slow tier (per-example means); the
+  entropy term depends on the batch composition by design and the GAN refuses accumulation
+  (batch-norm statistics per batch); LPIPS dropout draws other masks for other batch shapes, so it
+  is off here."""
   config = tiny_config()
   config.loss.entropy_weight = 0.0
   config.loss.perceptual_dropout = 0.0
   config.loss.gan_weight = 0.0
+  if not perceptual:
+    config.loss.perceptual_weight = 0.0
   mesh = sharding.create_mesh((-1, 1, 1))
   batches = _batches(config, 2)
   with jax.default_matmul_precision("highest"):
