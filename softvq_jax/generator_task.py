@@ -151,8 +151,9 @@ def build_generator_trainer(config, mesh: Mesh, gen_cfg: sit_lib.SiTConfig,
     # unused parameter initialisers): no eager initialisation of a 675M-parameter network.
     fixed = jax.jit(lambda: generator_objective.split_generator(
         sit_lib.build_sit(gen_cfg, config.seed))[2], out_shardings=fixed_sh)()
-    tok = (jax.device_put(api.tokenizer_functions(tokenizer).params, tok_sh)
-           if tokenizer is not None else None)
+    # host copies first: every process holds the same weights and puts its own shards
+    tok = (jax.device_put(jax.tree.map(np.asarray, api.tokenizer_functions(tokenizer).params),
+                          tok_sh) if tokenizer is not None else None)
     return {"fixed": fixed, "tokenizer": tok}
 
   abstract_frozen = {"fixed": _with_shardings(abstract_fixed, fixed_sh),
