@@ -68,7 +68,10 @@ def _free_port() -> int:
 def _launch_cmd(workdir, log_dir):
   return (["bash", os.path.join(ROOT, "launch", "local_cpu.sh"), f"--num-processes={NPROC}",
            f"--devices-per-process={DEVICES_PER_PROC}", f"--port={_free_port()}",
-           f"--log-dir={log_dir}", f"--python={sys.executable}", "--", f"--workdir={workdir}"]
+           f"--log-dir={log_dir}", f"--python={sys.executable}", "--", f"--workdir={workdir}",
+           # --v=1: every process also gets clu's logging writer ("Got images" when it receives a
+           # grid), which the quiet default leaves out; the image checks below read it.
+           "--v=1"]
           + _config_flags())
 
 
