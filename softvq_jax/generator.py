@@ -263,9 +263,32 @@ def from_official_dir(directory, *, compute_dtype=None, attention_backend=None) 
   return Generator(cfg, model)
 
 
+def from_training_checkpoint(step_dir, *, compute_dtype=None, attention_backend=None) -> Generator:
+  """The EMA generator of one of our generator-training step directories (`--mode=train` with a
+  generator config; `checkpoint.resolve_step_dir`). The checkpoint holds the parameters; the
+  fixed position table is recomputed from the config (`sit.fixed_pos_embed`)."""
+  from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel  # imports Orbax
+  meta = checkpoint.read_json_item(step_dir, "metadata")
+  if meta.get("task") != "generator":
+    raise CheckpointError(f"{step_dir} is a tokenizer's training checkpoint, not a generator's: "
+                          "load it with softvq_jax.load_tokenizer")
+  known = {f.name for f in dataclasses.fields(sit_lib.SiTConfig)}
+  cfg = _with_overrides(sit_lib.SiTConfig(**{k: v for k, v in meta["generator"].items()
+                                             if k in known}), compute_dtype, attention_backend)
+  model = _empty_model(cfg)
+  model.pos_embed.value = jnp.asarray(sit_lib.fixed_pos_embed(cfg))
+  graphdef, params, fixed = nnx.split(model, nnx.Param, sit_lib.FixedPosEmbed)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params)
+  return Generator(cfg, nnx.merge(graphdef, checkpoint.restore_ema(step_dir, target), fixed))
+
+
 def load_generator(path_or_hub_id, *, compute_dtype=None, attention_backend=None,
                    revision: str | None = None) -> Generator:
-  """Loads a SiT / DiT generator from an official-format directory (local or URL) or a hub id.
+  """Loads a SiT / DiT generator from an official-format directory (local or URL), a generator
+  training workdir / step directory of ours (EMA weights of the newest complete checkpoint; a
+  workdir without checkpoints but with the final export `<workdir>/generator` loads that), or a
+  hub id.
 
   compute_dtype: the activation dtype (e.g. "bfloat16" on GPU/TPU); parameters stay float32.
   attention_backend: "auto" | "xla" | "cudnn" | "jax".
@@ -283,15 +306,16 @@ def load_generator(path_or_hub_id, *, compute_dtype=None, attention_backend=None
     if generator_official.is_official_dir(path):
       return from_official_dir(path, **kw)
     from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel  # imports Orbax
-    if checkpoint.resolve_step_dir(path) is not None:
-      raise CheckpointError(
-          f"{path} is a training workdir / checkpoint of ours: loading a generator from one "
-          "(its EMA weights) is not supported yet — generator training comes with issue 19. "
-          "Pass an official-format directory (config.json + model.safetensors) or a hub id.")
+    step_dir = checkpoint.resolve_step_dir(path)
+    if step_dir is not None:
+      return from_training_checkpoint(step_dir, **kw)
+    if generator_official.is_official_dir(path / "generator"):  # a finished run's export
+      return from_official_dir(path / "generator", **kw)
     raise CheckpointError(
-        f"{path}: not an official-format generator directory (needs "
+        f"{path}: neither an official-format generator directory (needs "
         f"{generator_official.CONFIG_NAME} + {generator_official.WEIGHTS_NAME}; write one with "
-        "Generator.save(directory))")
+        "Generator.save(directory)) nor a generator training workdir / checkpoint of ours "
+        "(<workdir>/checkpoints/<step>/state)")
   if source.count("/") != 1 or source.startswith((".", "/", "~")):
     raise CheckpointError(f"{path}: no such directory, and not a hub id of the form 'owner/name'")
   download = api._download  # pylint: disable=protected-access  # the tokenizer's hub helper

@@ -155,11 +155,14 @@ def test_bad_sources_and_options(tmp_path, sit_gen):
   with pytest.raises(CheckpointError, match="no such directory"):
     softvq_jax.load_generator(str(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(CheckpointError, match="not an official-format generator directory"):
+  with pytest.raises(CheckpointError, match="neither an official-format generator directory"):
     softvq_jax.load_generator(str(tmp_path / "empty"))
+  # A tokenizer's training workdir (its metadata has no generator task) is named as such.
+  from softvq_jax import checkpoint  # pylint: disable=import-outside-toplevel
   work = tmp_path / "workdir" / "checkpoints" / "100"
   (work / "state").mkdir(parents=True)
-  with pytest.raises(CheckpointError, match="issue 19"):
+  checkpoint.write_json_item(str(work), "metadata", {"model": {"image_size": 32}})
+  with pytest.raises(CheckpointError, match="tokenizer's training checkpoint.*load_tokenizer"):
     softvq_jax.load_generator(str(tmp_path / "workdir"))
   with pytest.raises(ValueError, match=r"labels must lie in 0..1000"):
     sit_gen.sample([1001])

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from softvq_jax import api, config_lib, data, generator_task, latents, sharding, train
 from softvq_jax.models.tokenizer import TokenizerConfig, build_tokenizer
@@ -169,6 +170,15 @@ def test_crash_then_rerun_equals_uninterrupted_online_encoding(tokens, tmp_path)
   state = jax.device_get(train.train_and_evaluate(config(), str(tmp_path / "crashed")))
   assert int(state.step) == steps
   _assert_same_tree(state, ref)
+  # load_generator of the workdir: the newest checkpoint's EMA weights, the fixed position table
+  # recomputed from the config; the same network as the run's final export <workdir>/generator.
+  import softvq_jax  # pylint: disable=import-outside-toplevel
+  from_ckpt = softvq_jax.load_generator(str(tmp_path / "crashed"))
+  exported = softvq_jax.load_generator(str(tmp_path / "crashed" / "generator"))
+  shape = lambda c: (c.input_size, c.in_channels, c.hidden_size, c.depth, c.kind)  # noqa: E731
+  assert shape(from_ckpt.config) == shape(exported.config)
+  _assert_same_tree(nnx.state(from_ckpt.model), nnx.state(exported.model))
+  _assert_same_tree(nnx.state(from_ckpt.model, nnx.Param), ref.ema_params)
   assert not np.array_equal(np.asarray(jax.tree.leaves(ref.params)[0]),
                             np.asarray(jax.tree.leaves(ref.ema_params)[0]))  # it trained
 

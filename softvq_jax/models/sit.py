@@ -345,12 +345,10 @@ class SiT(nnx.Module):
     if cfg.vae_1d:
       self.x_embedder = Dense(cfg.in_channels, d, axes=(None, "embed"),
                               kernel_init=xavier_uniform, rngs=rngs)
-      pos = sincos_1d_interleaved(cfg.input_size, d)
     else:
       self.x_embedder = PatchEmbed2D(cfg.patch_size, cfg.in_channels, d, rngs=rngs)
-      pos = sincos_2d(cfg.grid, d)
-    self.pos_embed = FixedPosEmbed(jnp.asarray(pos[None]), out_sharding=(None, None, "embed"),
-                                   eager_sharding=False)
+    self.pos_embed = FixedPosEmbed(jnp.asarray(fixed_pos_embed(cfg)),
+                                   out_sharding=(None, None, "embed"), eager_sharding=False)
     self.t_embedder = TimestepEmbedder(d, rngs=rngs)
     self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, rngs=rngs)
     self.blocks = nnx.List([
@@ -392,6 +390,14 @@ class SiT(nnx.Module):
     if cfg.vae_1d:
       return out
     return unpatchify(out, cfg.patch_size, (cfg.grid, cfg.grid), cfg.out_channels)
+
+
+def fixed_pos_embed(cfg: SiTConfig) -> np.ndarray:
+  """The network's `pos_embed` table [1, T, D] float32: a pure function of the config (1-D
+  interleaved or 2-D sin-cos), so our training checkpoints need not store it."""
+  if cfg.vae_1d:
+    return sincos_1d_interleaved(cfg.input_size, cfg.hidden_size)[None]
+  return sincos_2d(cfg.grid, cfg.hidden_size)[None]
 
 
 def build_sit(cfg: SiTConfig | None = None, seed: int = 0, *, compute_dtype: str | None = None,
