@@ -278,6 +278,10 @@ def _run(config) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _setup_jax()
   from softvq_jax import config_lib, preflight  # pylint: disable=import-outside-toplevel
+  if _MODE.value == "compile" and config_lib.is_generator_config(config):
+    _fail("--mode=compile plans the tokenizer's train step; a generator config (it has a "
+          "`generator` section) is not supported yet. Size a generator run with a short "
+          "--mode=train on the target instead: its log states the compiled step's memory.")
   if (_MODE.value == "train" and _TOKENIZER.value and config_lib.is_generator_config(config)
       and "generator_data" in config):  # the generator's tokenizer, as for --mode=sample
     config.generator_data.tokenizer = _TOKENIZER.value

@@ -94,8 +94,8 @@ def tiny_config():
 # so starting with the long ones keeps one worker from finishing a long file alone at the end.
 _COSTLIEST_FIRST = ("test_multiprocess.py", "test_main.py", "test_train.py", "test_accelerator_check.py",
                     "test_objective.py", "test_demo.py", "test_gen_eval.py", "test_gcs.py",
-                    "test_compile.py", "test_tokenizer.py", "test_evaluate.py", "test_latents.py",
-                    "test_generate.py")
+                    "test_generator_train.py", "test_compile.py", "test_tokenizer.py",
+                    "test_evaluate.py", "test_latents.py", "test_generate.py")
 
 
 def pytest_configure(config):

@@ -76,6 +76,7 @@ def _assert_same_tree(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted_tokens(tokens, tmp_path):
   """Data path (a) through the CLI: `main --config=configs/demo_sit.py` killed with SIGKILL after
   its step-4 checkpoint, then the same command again, ends with the parameters, EMA, optimizer
@@ -301,3 +302,14 @@ def test_generator_configs():
   sit.generator_data.source = "npz"
   with pytest.raises(ValueError, match="config.generator_data.source"):
     config_lib.validate_generator_training(sit)
+
+
+def test_compile_mode_refuses_a_generator_config(tmp_path):
+  """--mode=compile plans the tokenizer's step only: a generator config is a one-line user error
+  (exit 2) instead of a plan of the wrong network."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--mode=compile", "--target=v5e-8",
+       "--config=configs/demo_sit.py", f"--workdir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "a generator config" in proc.stderr and "not supported yet" in proc.stderr
