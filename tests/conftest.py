@@ -100,9 +100,12 @@ _COSTLIEST_FIRST = ("test_multiprocess.py", "test_main.py", "test_train.py", "te
 
 def pytest_configure(config):
   # Two tiers. The README's test command runs everything but `slow`; CI (.ci/run) runs it and then
-  # `-m slow`: the end-to-end tests that each cost minutes on 2 cores (kill -9 / SIGTERM resume,
-  # 2 processes, mesh equivalence, restore onto another mesh, FSDP bytes, the accelerator smoke,
-  # the demo run). Each behaviour they cover keeps a cheaper test in the default tier.
+  # `-m slow`: the end-to-end tests that each cost one to five CPU-minutes (measured per test,
+  # SOFTVQ_TEST_CPU_JSON): kill -9 / SIGTERM resume through the CLI (tokenizer and generator), two
+  # processes, mesh equivalence, restore onto another mesh, FSDP bytes, gradient accumulation
+  # with LPIPS, the adaptive weight, the generator-eval and eval-benchmark CLIs, the accelerator
+  # smoke and the demo run. The default tier keeps a cheaper test of most of these behaviours
+  # (in-process resume, FSDP compile and sharding, accumulation without LPIPS, 2-process eval).
   config.addinivalue_line("markers", "slow: minutes each on 2 CPU cores; CI runs them after the "
                           "README's test command (pytest -m slow)")
   # xdist (>= 3.6) reorders files by their number of tests unless told not to; keep ours.
