@@ -59,6 +59,8 @@ Second round (issue 16, pixel + entropy only with the library's model, optimizer
   patch 16                                  15.8 / 16.3 / 16.8 @ 100/200/300  0.55
   patch 16, lr 2e-3, b2 0.99, LayerScale 1, no decay, no clipping, constant lr, warm-up 20
                                             14.5 / 14.2 / 16.1 @ 100/200/300  0.6
+  patch 16, l1 reconstruction loss          15.4 / 16.0 / 16.6 @ 100/200/300  0.35
+  patch 16, lr 3e-4                         15.6 / 16.0 / 16.2 @ 100/200/300  0.3
   patch 16, micro ViTs (0.44M parameters)   16.0 / 17.0 / 17.2 / 17.4 @ 300/600/1000/1500  0.19
   the same, entropy weight 0                15.9 / 16.6 / 17.0 @ 300/600/1000
   the same, batch 64                        16.2 / 16.7 @ 200/400             0.70
