@@ -76,20 +76,29 @@ def _assert_same_tree(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# Data path (b): the demo images (32 px, the tokenizer's size), encoded inside the step.
+_IMAGES = {"generator_data.source": "images", "data.demo_train_size": 64}
+
+
 @pytest.mark.slow
-def test_kill_9_then_rerun_equals_uninterrupted_tokens(tokens, tmp_path):
-  """Data path (a) through the CLI: `main --config=configs/demo_sit.py` killed with SIGKILL after
-  its step-4 checkpoint, then the same command again, ends with the parameters, EMA, optimizer
-  state and logged losses of an uninterrupted run (here in-process on the same 8 fake devices
-  and flags: the same compiled program)."""
+@pytest.mark.parametrize("source", ["tokens", "images"])
+def test_kill_9_then_rerun_equals_uninterrupted(tokens, tmp_path, source):
+  """Both data paths through the CLI: `main --config=configs/demo_sit.py` killed with SIGKILL
+  after its step-4 checkpoint, then the same command again, ends with the parameters, EMA,
+  optimizer state and logged losses of an uninterrupted run (here in-process on the same 8 fake
+  devices and flags: the same compiled program). (a) extracted tokens; (b) images encoded by the
+  frozen tokenizer inside the step (the image pipeline's position is in the checkpoint)."""
   tok_dir, tokens_dir = tokens
   steps = 40
+  extra = _IMAGES if source == "images" else {}
   ref_dir, dir_ = str(tmp_path / "ref"), tmp_path / "killed"
-  ref = jax.device_get(train.train_and_evaluate(_config(tok_dir, tokens_dir, steps), ref_dir))
+  ref = jax.device_get(train.train_and_evaluate(_config(tok_dir, tokens_dir, steps, **extra),
+                                                ref_dir))
   assert int(ref.step) == steps
   cmd = [sys.executable, "-m", "softvq_jax.main", "--config=configs/demo_sit.py",
          f"--workdir={dir_}", f"--tokenizer={tok_dir}"] + [
-             f"--config.{k}={v}" for k, v in _overrides(tok_dir, tokens_dir, steps).items()]
+             f"--config.{k}={v}" for k, v in dict(_overrides(tok_dir, tokens_dir, steps),
+                                                  **extra).items()]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
   start = time.time()
