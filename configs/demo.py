@@ -5,8 +5,11 @@ Measured (README main command, 2-core CPU): 13.3 min wall at load 7.5 -> 3.9, in
 after 600 steps the reconstructions are blocks of each photograph's colours with at most a
 light/dark gradient (each crop's own mean colour scores 16.7 dB on the eval crops).
 
+Quiet machine (2026-12-02, load 0.6, nothing else running, fresh clone and venv): the README
+command took 5.1 min wall (the run 4.8 min, ~46 images/s), in-loop eval PSNR 17.26 dB, SSIM 0.31.
+
 Best measured trade-off (PSNR vs minutes, the whole README command, compilation and the in-loop
-evaluation included; the machine was never quiet):
+evaluation included; loaded machine):
   this config (patch 8, 600 steps)                       17.4 dB  13.3 min  load 7.5 -> 3.9
   the same, re-measured (train step compiled in 46 s)     17.26 dB 10.9 min  load 7.6 -> 10.4
                                                           (3.9-12.8 during; SSIM 0.31)
