@@ -50,23 +50,32 @@ def _microbatches(images: Array, n: int, batch_sharding) -> Array:
   return x
 
 
+def _summed_over_microbatches(fn: Callable, micro, n: int):
+  """sum over i of fn(micro_i, i) for n sequential micro-batches (a lax.scan: one micro-batch's
+  activations live at a time). micro: a pytree of [n, B/n, ...] arrays (`_microbatches`);
+  fn returns a pytree of arrays. Used by both train steps' gradient accumulation."""
+
+  def body(carry, xi):
+    return jax.tree.map(jnp.add, carry, fn(*xi)), None
+
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro), jnp.int32(0))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+  return total
+
+
 def _accumulated_grads(grad_fn, gen_params, frozen, images, n, batch_sharding, step1, key,
                        adv_scale):
   """grad_fn's (loss, metrics, code_hist, grads) averaged (summed for the histogram) over n
   sequential micro-batches, each drawing its own random numbers (LPIPS dropout masks)."""
-  micro = _microbatches(images, n, batch_sharding)
 
-  def body(carry, xi):
-    x, i = xi
+  def one(x, i):
     (loss, (m, h, _, _)), g = grad_fn(gen_params, frozen, None, x, step1,
                                       jax.random.fold_in(key, i), adv_scale)
-    return jax.tree.map(jnp.add, carry, (loss, m, h, g)), None
+    return loss, m, h, g
 
-  (_, (m0, h0, _, _)), g0 = jax.eval_shape(grad_fn, gen_params, frozen, None, micro[0], step1,
-                                           key, adv_scale)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       (jax.ShapeDtypeStruct((), jnp.float32), m0, h0, g0))
-  (loss, m, hist, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+  loss, m, hist, grads = _summed_over_microbatches(
+      one, _microbatches(images, n, batch_sharding), n)
   inv = 1.0 / n
   loss, m, grads = jax.tree.map(lambda x: x * inv, (loss, m, grads))
   return loss, m, hist, grads
@@ -230,18 +239,13 @@ def make_generator_train_step(loss_fn: Callable, tx: optax.GradientTransformatio
       (loss, m), grads = grad_fn(state.params, frozen, batch, key)
     else:
       n = grad_accum_steps
-      micro = {k: _microbatches(v, n, batch_sharding) for k, v in batch.items()}
 
-      def body(carry, xi):
-        b, i = xi
+      def one(b, i):
         (l, mi), g = grad_fn(state.params, frozen, b, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (l, mi, g)), None
+        return l, mi, g
 
-      first = {k: v[0] for k, v in micro.items()}
-      shapes = jax.eval_shape(grad_fn, state.params, frozen, first, key)
-      (l0, m0), g0 = shapes
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (l0, m0, g0))
-      (loss, m, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+      micro = {k: _microbatches(v, n, batch_sharding) for k, v in batch.items()}
+      loss, m, grads = _summed_over_microbatches(one, micro, n)
       loss, m, grads = jax.tree.map(lambda x: x / n, (loss, m, grads))
     params, opt_state, grad_norm = _apply_gradients(tx, grads, state.opt_state, state.params)
     new_state = state.replace(step=step1, params=params, opt_state=opt_state,
